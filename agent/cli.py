@@ -1,0 +1,62 @@
+"""`ffrtmp agent`: parse options, build the config, run the loop."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.ffmpeg.discovery import NoFFmpeg
+from agent.loop import Agent
+from bus.sockets import DEFAULT_AGENTS
+
+
+def _default_work_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "ffrtmp" / "agent"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the agent subcommand."""
+    p = sub.add_parser("agent", help="run an agent that executes jobs")
+    p.add_argument("--master", default=DEFAULT_AGENTS, help="the master's agent endpoint")
+    p.add_argument("--name", default=socket.gethostname(), help="unique agent name")
+    p.add_argument("--slots", type=int, default=4, help="jobs run at once")
+    p.add_argument("--work-dir", type=Path, default=None, help="scratch and job directories")
+    p.add_argument("--metrics", default="127.0.0.1:9471", help="HOST:PORT for /metrics, or 'off'")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="default hard time limit for jobs without timeout_s, s")
+    p.add_argument("--ffmpeg", default=None,
+                   help="ffmpeg binary (default: ffmpeg on PATH, else the imageio-ffmpeg one)")
+    p.add_argument("--input-root", type=Path, default=None,
+                   help="directory job inputs are relative to (default: WORK_DIR/inputs)")
+    p.add_argument("--output-root", type=Path, default=None,
+                   help="directory job outputs are written under (default: WORK_DIR/outputs)")
+    p.add_argument("--stall-timeout", type=float, default=300.0,
+                   help="kill a job whose progress stopped for this long, s (0: never)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the agent until SIGTERM/SIGINT."""
+    if args.slots < 1:
+        raise SystemExit("ffrtmp agent: --slots must be at least 1")
+    work_dir = args.work_dir or _default_work_dir()
+    cfg = AgentConfig(
+        work_dir=work_dir, ffmpeg=args.ffmpeg, stall_s=args.stall_timeout,
+        input_root=args.input_root or work_dir / "inputs",
+        output_root=args.output_root or work_dir / "outputs", master=args.master, name=args.name,
+        slots=args.slots, metrics=None if args.metrics in ("off", "", "none") else args.metrics,
+        default_timeout_s=args.timeout,
+    )
+    cfg.input_root.mkdir(parents=True, exist_ok=True)
+    cfg.output_root.mkdir(parents=True, exist_ok=True)
+    try:
+        agent = Agent(cfg)
+    except NoFFmpeg as e:
+        raise SystemExit(f"ffrtmp agent: {e}") from e
+    agent.install_signals()
+    agent.run()
+    return 0

@@ -1,0 +1,1 @@
+"""FFmpeg on the agent: discovery, scenario argv, progress parsing, byte counting."""

@@ -1,0 +1,273 @@
+"""The agent loop: one DEALER to the master, credits for free slots, children polled each turn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import zmq
+
+from agent.config import AgentConfig
+from agent.runner import ProcessRun, Result
+from agent.ffmpeg.discovery import NoFFmpeg, find_ffmpeg, list_encoders
+from agent.jobs import InvalidInput, UnsupportedJob, prepare
+from agent.workloads import WORKLOADS
+from bus.codec import Message, decode, encode
+from bus.errors import ProtocolError
+from bus.schemas import MASTER_TO_AGENT
+from bus.sockets import AGENT_MAX_MSG, connect_dealer
+
+log = logging.getLogger("ffrtmp.agent")
+VERSION = "0.1.0"
+TICK_S = 0.05
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One attempt this agent runs."""
+
+    id: int
+    attempt: int
+    run: ProcessRun
+    last_progress: dict[str, Any] | None = None
+
+
+class Agent:
+    """Connects to the master, runs what it is given within its slots, reports results."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.sock: zmq.Socket | None = None
+        self.running: dict[int, Attempt] = {}
+        self.unacked: dict[tuple[int, int], dict[str, Any]] = {}
+        self.granted = 0
+        self.registered = False
+        self.draining = False
+        self.heartbeat_s = cfg.heartbeat_s
+        self.liveness = cfg.liveness
+        self.last_recv = self.last_sent = 0.0
+        self.backoff = 0.1
+        self._stop = threading.Event()
+        self.completed = 0
+        self.ffmpeg: str | None = None
+        self.encoders: list[str] = []
+        try:
+            self.ffmpeg = find_ffmpeg(cfg.ffmpeg)
+            self.encoders = list_encoders(self.ffmpeg)
+        except NoFFmpeg as e:
+            if cfg.ffmpeg:
+                raise
+            log.warning("%s: this agent runs synthetic workloads only", e)
+        self._next_progress = 0.0
+
+    # ---- connection ---------------------------------------------------------------------------
+
+    def _send(self, command: str, body: dict[str, Any], now: float) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart(encode(command, body), zmq.NOBLOCK)
+            self.last_sent = now
+        except zmq.Again:
+            log.warning("send queue to master full; dropped %s", command)
+
+    def _connect(self, now: float) -> None:
+        """A fresh socket and identity, then HELLO with what still runs and what is unacked."""
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        ident = f"{self.cfg.name}/{secrets.token_hex(4)}".encode()
+        self.sock = connect_dealer(self.ctx, self.cfg.master, ident, AGENT_MAX_MSG)
+        self.registered = False
+        self.granted = 0
+        self.last_recv = now
+        self._send("HELLO", self._hello(), now)
+
+    def _hello(self) -> dict[str, Any]:
+        disk = psutil.disk_usage(str(self.cfg.work_dir))
+        return {
+            "name": self.cfg.name,
+            "version": VERSION,
+            "slots": self.cfg.slots,
+            "resources": {
+                "cpus": float(os.cpu_count() or 1),
+                "memory_mb": psutil.virtual_memory().total // 2**20,
+                "disk_mb": disk.free // 2**20,
+            },
+            "workloads": list(WORKLOADS),
+            "encoders": self.encoders,
+            "cgroup": "none",
+            "limits": "best-effort",
+            "running": [{"id": a.id, "attempt": a.attempt} for a in self.running.values()],
+            "results": list(self.unacked.values()),
+        }
+
+    # ---- loop -----------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop (safe from signal handlers)."""
+        self._stop.set()
+
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT stop the agent gracefully."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def run(self) -> None:
+        """Serve until stopped; on the way out kill children and say BYE."""
+        self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        self._connect(time.monotonic())
+        reconnect_at = 0.0
+        try:
+            while not self._stop.is_set():
+                assert self.sock is not None
+                if self.sock.poll(int(TICK_S * 1000)):
+                    self._drain(time.monotonic())
+                now = time.monotonic()
+                self._reap(now)
+                if self.registered and now >= self._next_progress:
+                    self._next_progress = now + self.cfg.progress_interval_s
+                    self._report_progress(now)
+                if now - self.last_recv > self.heartbeat_s * self.liveness:
+                    if not reconnect_at:
+                        reconnect_at = now + self.backoff
+                        self.backoff = min(self.cfg.reconnect_max_s, self.backoff * 2)
+                    if now >= reconnect_at:
+                        log.warning("master silent for %.1fs; reconnecting",
+                                    now - self.last_recv)
+                        reconnect_at = 0.0
+                        self._connect(now)
+                    continue
+                if self.registered:
+                    self._top_up(now)
+                    if now - self.last_sent >= self.heartbeat_s:
+                        self._send("HEARTBEAT", {}, now)
+        finally:
+            self._shutdown()
+
+    def _drain(self, now: float) -> None:
+        assert self.sock is not None
+        for _ in range(10_000):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            self.last_recv = now
+            try:
+                msg = decode(frames, MASTER_TO_AGENT)
+            except ProtocolError as e:
+                log.warning("bad frame from master: %s", e)
+                self._send("ERROR", {"code": e.code, "text": e.text}, now)
+                continue
+            self._handle(msg, now)
+            if self.sock is None or msg.command in ("BYE", "ERROR"):
+                break
+        if self.registered:
+            self._top_up(now)
+
+    def _handle(self, msg: Message, now: float) -> None:
+        cmd = msg.command
+        if cmd == "WELCOME":
+            self.registered = True
+            self.granted = 0
+            self.backoff = 0.1
+            self.heartbeat_s = float(msg["heartbeat_s"])
+            self.liveness = int(msg["liveness"])
+        elif cmd == "JOB":
+            self.granted = max(0, self.granted - 1)
+            self._start(msg["id"], msg["attempt"], msg["spec"], now)
+        elif cmd == "CANCEL":
+            att = self.running.get(msg["id"])
+            if att is not None and att.attempt == msg["attempt"]:
+                att.run.stop(now, float(msg["grace_s"]))
+        elif cmd == "DONE_ACK":
+            for pair in msg["acks"]:
+                if isinstance(pair, list) and len(pair) == 2:
+                    self.unacked.pop((pair[0], pair[1]), None)
+        elif cmd == "DRAIN":
+            self.draining = bool(msg["on"])
+        elif cmd == "BYE":
+            log.info("master said BYE; reconnecting")
+            self.last_recv = -1e9  # reconnect on the next turn, with backoff
+        elif cmd == "ERROR":
+            log.warning("master error %s: %s", msg["code"], msg["text"])
+            if msg["code"] == "unknown_agent":
+                self._connect(now)
+
+    def _start(self, job_id: int, attempt: int, spec: dict[str, Any], now: float) -> None:
+        if job_id in self.running or (job_id, attempt) in self.unacked:
+            return  # a duplicate of what we already hold
+        if self.draining:
+            self._send("REJECT", {"id": job_id, "attempt": attempt, "reason": "draining"}, now)
+            return
+        try:
+            run = prepare(spec, job_id, attempt, self.cfg, self.ffmpeg)
+        except UnsupportedJob as e:
+            self._send("REJECT", {"id": job_id, "attempt": attempt, "reason": str(e)}, now)
+            return
+        except InvalidInput as e:
+            self._finish(job_id, attempt, Result("failed", "invalid_input", None, 0.0,
+                                                 {"error": str(e)}), now)
+            return
+        if run is None:
+            self._finish(job_id, attempt, Result("completed", None, 0, 0.0), now)
+            return
+        try:
+            run.start(now)
+        except OSError as e:
+            run.cleanup()
+            self._finish(job_id, attempt, Result("failed", "exit_code", None, 0.0,
+                                                 {"error": f"cannot start: {e}"}), now)
+            return
+        self.running[job_id] = Attempt(job_id, attempt, run)
+        self._send("ACCEPT", {"id": job_id, "attempt": attempt}, now)
+
+    def _reap(self, now: float) -> None:
+        for att in list(self.running.values()):
+            result = att.run.poll(now)
+            if result is not None:
+                del self.running[att.id]
+                att.run.cleanup()
+                self._finish(att.id, att.attempt, result, now)
+
+    def _report_progress(self, now: float) -> None:
+        """PROGRESS for each running attempt whose figures changed (at most every interval)."""
+        for att in self.running.values():
+            fields = att.run.progress()
+            if fields and fields != att.last_progress:
+                att.last_progress = fields
+                self._send("PROGRESS", {"id": att.id, "attempt": att.attempt, **fields}, now)
+
+    def _finish(self, job_id: int, attempt: int, result: Result, now: float) -> None:
+        body = {"id": job_id, "attempt": attempt, "status": result.status,
+                "reason": result.reason, "exit_code": result.exit_code,
+                "bytes_in": result.bytes_in, "bytes_out": result.bytes_out,
+                "duration_s": result.duration_s,
+                "extra": result.extra}
+        self.unacked[(job_id, attempt)] = body
+        self.completed += 1
+        if self.sock is not None:
+            self._send("DONE", body, now)
+
+    def _top_up(self, now: float) -> None:
+        free = self.cfg.slots - len(self.running) - self.granted
+        if free > 0 and not self.draining:
+            self.granted += free
+            self._send("CREDIT", {"n": free}, now)
+
+    def _shutdown(self) -> None:
+        for att in self.running.values():
+            att.run.kill_now()
+            att.run.cleanup()
+        self.running.clear()
+        if self.sock is not None:
+            self._send("BYE", {}, time.monotonic())
+            self.sock.close(linger=200)
+            self.sock = None
+        self.ctx.term()

@@ -1,0 +1,139 @@
+"""Frame codec: [header, command, msgpack map] <-> Message, with version and schema checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from bus.errors import ProtocolError
+from bus.schemas import REQUIRED, Schema
+
+PROTOCOL_VERSION = (1, 0)
+SIGNATURE = b"FFR"
+HEADER = SIGNATURE + bytes(PROTOCOL_VERSION)
+MAX_COMMAND_LEN = 16
+MAX_DEPTH = 32
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One decoded message: its command and its body with defaults filled in."""
+
+    command: str
+    body: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.body[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The body's value for key, or default."""
+        return self.body.get(key, default)
+
+
+def encode(command: str, body: dict[str, Any] | None = None) -> list[bytes]:
+    """Encode a message as its three frames; raises ProtocolError if body cannot be packed."""
+    try:
+        packed = msgpack.packb(body or {}, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError("bad_body", f"cannot encode {command}: {e}") from e
+    return [HEADER, command.encode("ascii"), packed]
+
+
+def decode(
+    frames: list[bytes], schemas: dict[str, Schema], max_body: int = DEFAULT_MAX_BODY
+) -> Message:
+    """Decode and validate three frames against schemas; raises ProtocolError on any fault."""
+    if len(frames) != 3:
+        raise ProtocolError("bad_body", f"expected 3 frames, got {len(frames)}")
+    header, raw_command, raw_body = frames
+    if len(header) != 5 or header[:3] != SIGNATURE:
+        raise ProtocolError("bad_frame", "header is not FFR + major + minor")
+    if header[3] != PROTOCOL_VERSION[0]:
+        raise ProtocolError(
+            "bad_version", f"major version {header[3]} not supported (speak {PROTOCOL_VERSION[0]})"
+        )
+    if not 0 < len(raw_command) <= MAX_COMMAND_LEN:
+        raise ProtocolError("bad_command", "command must be 1-16 bytes")
+    try:
+        command = raw_command.decode("ascii")
+    except UnicodeDecodeError as e:
+        raise ProtocolError("bad_command", "command is not ASCII") from e
+    schema = schemas.get(command)
+    if schema is None:
+        raise ProtocolError("bad_command", f"unknown command {command!r}")
+    if len(raw_body) > max_body:
+        raise ProtocolError("too_large", f"body of {len(raw_body)} bytes exceeds {max_body}")
+    body = _unpack(raw_body)
+    return Message(command, validate(body, schema, command))
+
+
+def _unpack(raw: bytes) -> dict[str, Any]:
+    try:
+        body = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True
+        )
+    except Exception as e:  # msgpack raises a zoo of types for garbage; all mean the same
+        raise ProtocolError("bad_body", f"body is not valid msgpack: {type(e).__name__}") from e
+    if not isinstance(body, dict):
+        raise ProtocolError("bad_body", f"body must be a map, got {type(body).__name__}")
+    if not all(isinstance(k, str) for k in body):  # strict_map_key still lets bin keys through
+        raise ProtocolError("bad_body", "body keys must be strings")
+    if _depth(body, 0) > MAX_DEPTH:
+        raise ProtocolError("bad_body", f"body nests deeper than {MAX_DEPTH}")
+    return body
+
+
+def _depth(value: Any, level: int) -> int:
+    if level > MAX_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
+
+
+_KINDS: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "num": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "list": (list,),
+    "map": (dict,),
+}
+
+
+def validate(body: dict[str, Any], schema: Schema, command: str) -> dict[str, Any]:
+    """Return body checked against schema with defaults filled; unknown keys are kept."""
+    rid = body.get("rid")
+    out = dict(body)
+    for key, (kind, default) in schema.items():
+        if key not in body:
+            if default is REQUIRED:
+                raise ProtocolError("bad_body", f"{command}.{key} is required", rid)
+            out[key] = _fresh(default)
+        elif not _kind_ok(body[key], kind):
+            got = type(body[key]).__name__
+            raise ProtocolError("bad_body", f"{command}.{key} must be {kind}, got {got}", rid)
+    return out
+
+
+def _fresh(default: Any) -> Any:
+    if isinstance(default, dict | list):
+        return type(default)()
+    return default
+
+
+def _kind_ok(value: Any, kind: str) -> bool:
+    if kind == "any":
+        return True
+    if kind.endswith("?"):
+        if value is None:
+            return True
+        kind = kind[:-1]
+    if isinstance(value, bool) and kind in ("int", "num"):
+        return False
+    return isinstance(value, _KINDS[kind])

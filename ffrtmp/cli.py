@@ -1,0 +1,61 @@
+"""The `ffrtmp` entry point: parse, dispatch to the package that owns the subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from agent import cli as agent_cli
+from bus.client import Client
+from bus.errors import ClientError
+from bus.sockets import DEFAULT_CLIENTS, DEFAULT_EVENTS
+from ffrtmp import client_cli, demo
+from master import cli as master_cli
+from storage import StorageError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command-line grammar."""
+    parser = argparse.ArgumentParser(prog="ffrtmp", description="distributed FFmpeg jobs")
+    parser.add_argument("--master", dest="master_ep", default=None,
+                        help="client endpoint of the master (default: FFRTMP_MASTER or "
+                             f"{DEFAULT_CLIENTS})")
+    parser.add_argument("--events-ep", default=None, help=f"events endpoint ({DEFAULT_EVENTS})")
+    parser.add_argument("--timeout", dest="request_timeout", type=float, default=10.0,
+                        help="seconds to wait for each reply from the master")
+    parser.add_argument("--log-level", default=os.environ.get("FFRTMP_LOG", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    master_cli.add_parser(sub)
+    agent_cli.add_parser(sub)
+    client_cli.add_parsers(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a one-line error on stderr and a non-zero status on failure."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if getattr(args, "client", False):
+            endpoint = args.master_ep or os.environ.get("FFRTMP_MASTER") or DEFAULT_CLIENTS
+            if args.events_ep:
+                args.events = args.events_ep
+            with Client(endpoint, timeout=args.request_timeout) as client:
+                return int(args.func(args, client))
+        return int(args.func(args))
+    except ClientError as e:
+        print(f"ffrtmp: {e.code}: {e.text}", file=sys.stderr)
+        return 2
+    except StorageError as e:
+        print(f"ffrtmp: database: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

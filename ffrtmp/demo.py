@@ -1,0 +1,98 @@
+"""`ffrtmp demo`: a master on SQLite, two local agents, a mixed batch with live progress, a summary."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.cluster import LocalCluster
+from bus.client import Client, Subscriber
+
+TERMINAL = ("completed", "failed", "timed_out", "cancelled")
+
+
+def demo_specs() -> list[dict[str, Any]]:
+    """The demo's mixed batch."""
+    specs: list[dict[str, Any]] = [{"scenario": "sleep", "params": {"seconds": 1.5},
+                                    "priority": "high"} for _ in range(2)]
+    specs += [{"scenario": "burn", "params": {"cpu_seconds": 0.5}} for _ in range(2)]
+    specs += [{"scenario": "noop", "priority": "low"} for _ in range(20)]
+    return specs
+
+
+def _bar(progress: float, width: int = 20) -> str:
+    full = int(progress * width)
+    return "#" * full + "." * (width - full)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the demo; exit 0 if every job completed."""
+    workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="ffrtmp-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(f"sqlite:///{workdir}/demo.db", agents=2, slots=2, workdir=workdir)
+    print(f"ffrtmp demo: master (SQLite at {workdir}/demo.db) + 2 agents x 2 slots")
+    cluster.start()
+    try:
+        with Client(cluster.clients_ep, timeout=10) as client:
+            sub = Subscriber(["job."], cluster.events_ep)
+            ids = client.submit(demo_specs())
+            print(f"submitted {len(ids)} jobs: {ids[0]}..{ids[-1]}\n")
+            final = _follow(client, sub, ids, args.timeout)
+            sub.close()
+            _summary(final)
+            nodes = client.nodes()
+        print("\nagents: " + ", ".join(f"{n['name']} ({n['slots']} slots)" for n in nodes))
+        print(f"database and logs: {workdir}")
+        return 0 if all(j["state"] == "completed" for j in final.values()) else 1
+    finally:
+        cluster.stop()
+        if not args.dir and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _follow(client: Client, sub: Subscriber, ids: list[int],
+            timeout: float) -> dict[int, dict[str, Any]]:
+    final: dict[int, dict[str, Any]] = {}
+    progress: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    next_poll = 0.0
+    while len(final) < len(ids) and time.monotonic() < deadline:
+        item = sub.recv(0.2)
+        if item is not None and item[1].command == "PROGRESS":
+            progress[item[1]["id"]] = float(item[1].get("progress", 0.0))
+        if time.monotonic() >= next_poll:
+            jobs, _ = client.get([i for i in ids if i not in final])
+            for job in jobs:
+                if job["state"] in TERMINAL:
+                    final[job["id"]] = job
+                else:
+                    progress[job["id"]] = max(progress.get(job["id"], 0.0), job["progress"])
+            running = [j for j in jobs if j["state"] == "running"]
+            line = "  ".join(f"#{j['id']} {j['scenario']} [{_bar(progress.get(j['id'], 0))}]"
+                             for j in running[:3])
+            sys.stdout.write(f"\r{len(final):>3}/{len(ids)} done  {line:<90}")
+            sys.stdout.flush()
+            next_poll = time.monotonic() + 0.25
+    print()
+    return final
+
+
+def _summary(final: dict[int, dict[str, Any]]) -> None:
+    print(f"\n{'ID':>4}  {'SCENARIO':<10} {'STATE':<10} {'AGENT':<8} {'ATT':>3}  OUTPUT")
+    for job in sorted(final.values(), key=lambda j: j["id"]):
+        print(f"{job['id']:>4}  {job['scenario']:<10} {job['state']:<10} {job['agent'] or '-':<8} "
+              f"{job['attempt']:>3}  {job['output'] or ''}")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the demo subcommand."""
+    p = sub.add_parser("demo", help="run a local demo cluster with a mixed batch of jobs")
+    p.add_argument("--dir", help="keep the database, logs and outputs here")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--timeout", type=float, default=300)
+    p.set_defaults(func=run)

@@ -1,0 +1,44 @@
+"""What the master knows of one connected agent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True, eq=False)
+class AgentConn:
+    """One agent connection: identity, capabilities, credit and the jobs it holds."""
+
+    ident: bytes
+    name: str
+    slots: int
+    caps: frozenset[str]
+    info: dict[str, Any]
+    last_seen: float
+    last_sent: float
+    credit: int = 0
+    draining: bool = False
+    jobs: set[int] = field(default_factory=set)
+    acks: list[list[int]] = field(default_factory=list)
+    first_seen_wall: float = 0.0
+
+    def can_run(self, requirement: str) -> bool:
+        """True if this agent advertises the capability a job requires."""
+        return requirement in self.caps
+
+    def node_view(self, now: float) -> dict[str, Any]:
+        """The NODES shape of docs/protocol.md."""
+        return {
+            "name": self.name,
+            "state": "draining" if self.draining else "alive",
+            "slots": self.slots,
+            "busy": len(self.jobs),
+            "credit": self.credit,
+            "resources": self.info.get("resources", {}),
+            "workloads": self.info.get("workloads", []),
+            "encoders": self.info.get("encoders", []),
+            "cgroup": self.info.get("cgroup", "none"),
+            "limits": self.info.get("limits", "best-effort"),
+            "last_seen_s": round(max(0.0, now - self.last_seen), 3),
+        }

@@ -1,0 +1,40 @@
+"""The master's configuration, built once in main and passed down (never read from env here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bus.sockets import DEFAULT_AGENTS, DEFAULT_CLIENTS, DEFAULT_EVENTS
+
+
+@dataclass(frozen=True)
+class MasterConfig:
+    """Everything the master needs; times in seconds."""
+
+    db_url: str
+    agents: str = DEFAULT_AGENTS
+    clients: str = DEFAULT_CLIENTS
+    events: str = DEFAULT_EVENTS
+    metrics: str | None = "127.0.0.1:9470"  # HOST:PORT, or None for no HTTP endpoint
+    insecure: bool = False
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    aging_s: float = 60.0
+    recovery_grace_s: float | None = None  # default: 2 x heartbeat x liveness
+    retry_base_s: float = 1.0
+    retry_cap_s: float = 60.0
+    progress_flush_s: float = 1.0
+    stats_interval_s: float = 1.0
+    max_messages_per_turn: int = 5000
+
+    @property
+    def dead_after_s(self) -> float:
+        """Silence after which a peer is dead."""
+        return self.heartbeat_s * self.liveness
+
+    @property
+    def grace_s(self) -> float:
+        """How long after a restart the master waits for agents to reclaim their jobs."""
+        if self.recovery_grace_s is not None:
+            return self.recovery_grace_s
+        return 2 * self.dead_after_s

@@ -1,0 +1,213 @@
+"""Store: the job repository. One transaction per apply(); reads return plain dicts."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any
+
+import peewee
+
+from storage.batch import WriteBatch
+from storage.db import backend_of, open_database, redact_url
+from storage.errors import StorageError, one_line
+from storage.migrations import migrate
+from storage.models import AGENT_JSON, JOB_JSON, TERMINAL_STATES, make_models
+from storage.rows import (
+    agent_params,
+    decode_json,
+    event_params,
+    job_insert_params,
+    job_update_groups,
+)
+from storage.writers import ID_MARK_KEY, BulkWriter, PostgresWriter, SqliteWriter
+
+_DB_ERRORS: tuple[type[BaseException], ...] = (peewee.PeeweeException, sqlite3.Error)
+try:
+    import psycopg2
+
+    _DB_ERRORS += (psycopg2.Error,)
+except ImportError:  # pragma: no cover - SQLite-only install
+    pass
+
+_OPEN_ERRORS: tuple[type[BaseException], ...] = (StorageError, *_DB_ERRORS)
+# Ids per IN list in reads, well under SQLite's bound-parameter limit.
+_READ_CHUNK = 500
+Row = dict[str, Any]
+
+
+def _decode(row: Row, json_cols: frozenset[str]) -> Row:
+    for col in json_cols:
+        row[col] = decode_json(row[col])
+    return row
+
+
+class Store:
+    """The job repository on one database URL; single-threaded use by the master."""
+
+    def __init__(self, url: str) -> None:
+        """Open the database at url and migrate it; StorageError if that fails."""
+        self.url = redact_url(url)
+        self.backend = backend_of(url)
+        self.db = open_database(url)
+        self.models = make_models(self.db)
+        self._writer: BulkWriter = (
+            SqliteWriter() if self.backend == "sqlite" else PostgresWriter()
+        )
+        try:
+            self.db.connect(reuse_if_open=True)
+            migrate(self.db, self.models)
+        except _OPEN_ERRORS as e:
+            self.close()
+            raise StorageError(f"cannot open {self.url}: {one_line(e)}") from e
+
+    def __repr__(self) -> str:
+        """Show backend and URL, never a password."""
+        return f"Store(backend={self.backend!r}, url={self.url!r})"
+
+    def __enter__(self) -> Store:
+        """Use as a context manager that closes the store."""
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        """Close the store."""
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (idempotent; a later call reconnects)."""
+        try:
+            self.db.close()
+        except _DB_ERRORS:
+            self.db.dispose()  # a dead connection: just forget it
+
+    @contextmanager
+    def _guard(self, what: str, extra: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        """Turn driver/peewee errors into StorageError and drop a connection that died."""
+        try:
+            yield
+        except StorageError:
+            self._drop_if_broken()
+            raise
+        except _DB_ERRORS + extra as e:
+            self._drop_if_broken()
+            raise StorageError(f"{what} failed on {self.url}: {one_line(e)}") from e
+
+    def _drop_if_broken(self) -> None:
+        # After a lost server the next call must reconnect rather than reuse a dead socket.
+        if not self.db.is_closed() and not self.db.is_connection_usable():
+            self.close()
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def apply(self, batch: WriteBatch) -> None:
+        """Write the whole batch in ONE transaction, or nothing and raise StorageError."""
+        # Order: inserts (+ their 'submitted' events), updates, events, agent upserts, deletes.
+        # Updates of missing ids are skipped; deletes remove terminal jobs only. The batch is
+        # never modified, so the caller can retry it as is.
+        if not batch:
+            return
+        with self._guard("apply", (Exception,)):
+            inserts = job_insert_params(batch.inserts)
+            groups = job_update_groups(batch.updates)
+            events = event_params(batch)
+            agents = agent_params(batch.agents)
+            deletes = list(batch.deletes)
+            w = self._writer
+            with self.db.atomic():
+                cur = self.db.cursor()
+                if inserts:
+                    w.insert_jobs(cur, inserts)
+                    w.raise_id_mark(cur, max(r[0] for r in inserts))
+                for cols, rows in groups.items():
+                    w.update_jobs(cur, cols, rows)
+                if events:
+                    w.insert_events(cur, events)
+                if agents:
+                    w.upsert_agents(cur, agents)
+                if deletes:
+                    w.delete_terminal_jobs(cur, deletes)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _rows(self, what: str, query: Any, json_cols: frozenset[str] = frozenset()) -> list[Row]:
+        # Built by peewee, run on the raw cursor: peewee's per-row conversion would cost ~10 µs.
+        with self._guard(what, (ValueError,)):
+            cur = self.db.execute(query)
+            cols = [d[0] for d in cur.description]
+            return [_decode(dict(zip(cols, r, strict=True)), json_cols) for r in cur.fetchall()]
+
+    def _jobs(self, query: Any) -> list[Row]:
+        return self._rows("read jobs", query, JOB_JSON)
+
+    def get_jobs(self, ids: Iterable[int]) -> list[Row]:
+        """Jobs with these ids, id ascending; unknown ids are left out."""
+        job = self.models.Job
+        wanted = sorted(set(ids))
+        out: list[Row] = []
+        for start in range(0, len(wanted), _READ_CHUNK):
+            chunk = wanted[start:start + _READ_CHUNK]
+            out += self._jobs(job.select().where(job.id.in_(chunk)).order_by(job.id))
+        return out
+
+    def list_jobs(self, states: list[str] | None = None, limit: int = 100,
+                  before_id: int | None = None) -> list[Row]:
+        """Up to limit jobs, newest (highest id) first, optionally in states and below before_id."""
+        job = self.models.Job
+        query = job.select()
+        if states is not None:
+            if not states:
+                return []
+            query = query.where(job.state.in_(list(states)))
+        if before_id is not None:
+            query = query.where(job.id < before_id)
+        return self._jobs(query.order_by(job.id.desc()).limit(limit))
+
+    def load_unfinished(self) -> list[Row]:
+        """Every job not in a terminal state, id ascending (the master's restart load)."""
+        job = self.models.Job
+        query = job.select().where(job.state.not_in(sorted(TERMINAL_STATES)))
+        return self._jobs(query.order_by(job.id))
+
+    def events_for(self, job_id: int) -> list[Row]:
+        """The job's events in the order they were written (id ascending)."""
+        ev = self.models.JobEvent
+        return self._rows("read events", ev.select().where(ev.job_id == job_id).order_by(ev.id))
+
+    def find_idempotent(self, key: str) -> list[int]:
+        """Ids of jobs submitted with this idempotency key, ascending."""
+        job = self.models.Job
+        with self._guard("idempotency lookup"):
+            query = job.select(job.id).where(job.idem_key == key).order_by(job.id)
+            return [r[0] for r in query.tuples().iterator()]
+
+    def list_agents(self) -> list[Row]:
+        """Every known agent, by name, with info decoded."""
+        agent = self.models.Agent
+        return self._rows("read agents", agent.select().order_by(agent.name), AGENT_JSON)
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Number of jobs per state (states with no job are absent)."""
+        job = self.models.Job
+        with self._guard("count jobs"):
+            query = job.select(job.state, peewee.fn.COUNT(job.id)).group_by(job.state)
+            return {state: int(n) for state, n in query.tuples().iterator()}
+
+    def max_job_id(self) -> int:
+        """Highest job id ever inserted, even if retention deleted it since; 0 for a fresh db."""
+        job, meta = self.models.Job, self.models.Meta
+        with self._guard("max job id"):
+            present = job.select(peewee.fn.MAX(job.id)).scalar() or 0
+            mark = meta.get_or_none(meta.key == ID_MARK_KEY)
+            return max(int(present), int(mark.value) if mark else 0)
+
+    def terminal_older_than(self, cutoff: float, limit: int) -> list[int]:
+        """Up to limit ids of terminal jobs with finished_at < cutoff (epoch s), oldest first."""
+        job = self.models.Job
+        with self._guard("retention scan"):
+            query = (job.select(job.id)
+                     .where(job.state.in_(sorted(TERMINAL_STATES)) & (job.finished_at < cutoff))
+                     .order_by(job.finished_at, job.id).limit(limit))
+            return [r[0] for r in query.tuples().iterator()]

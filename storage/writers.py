@@ -1,0 +1,134 @@
+"""Set-based bulk writers on the raw DB-API cursor, one per backend (peewee's per-row cost is
+the bottleneck on SQLite, the per-statement round trip on PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from storage.models import AGENT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, JOB_PG_TYPES, TERMINAL_STATES
+from storage.rows import Params
+
+# Rows per statement on PostgreSQL: one round trip each, and a statement stays a few MB at most.
+PG_PAGE = 1000
+# Ids per IN list on SQLite, well under its bound-parameter limit.
+SQLITE_IN_CHUNK = 500
+
+_JOB_COLS = ", ".join(JOB_COLUMNS)
+_EVENT_COLS = ", ".join(EVENT_COLUMNS)
+_AGENT_COLS = ", ".join(AGENT_COLUMNS)
+_AGENT_UPSERT = (
+    "ON CONFLICT (name) DO UPDATE SET state = excluded.state, slots = excluded.slots, "
+    "info = excluded.info, last_seen = excluded.last_seen"
+)  # first_seen keeps the first sighting
+# Retention may delete the newest jobs; the mark keeps the master from reusing their ids.
+ID_MARK_KEY = "job_id_mark"
+_ID_MARK = (
+    "INSERT INTO meta (key, value) VALUES ({p}, {p}) ON CONFLICT (key) DO UPDATE "
+    "SET value = excluded.value WHERE CAST(meta.value AS BIGINT) < CAST(excluded.value AS BIGINT)"
+)
+_TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL_STATES))
+
+
+class BulkWriter(Protocol):
+    """Set-based statements on an open cursor inside the caller's transaction."""
+
+    def insert_jobs(self, cur: Any, rows: Sequence[Params]) -> None:
+        """Insert job rows given in JOB_COLUMNS order."""
+
+    def update_jobs(self, cur: Any, cols: tuple[str, ...], rows: Sequence[Params]) -> None:
+        """Set cols on each (id, *values) row; ids that do not exist are skipped."""
+
+    def insert_events(self, cur: Any, rows: Sequence[Params]) -> None:
+        """Insert job_event rows given in EVENT_COLUMNS order."""
+
+    def upsert_agents(self, cur: Any, rows: Sequence[Params]) -> None:
+        """Insert or update agent rows given in AGENT_COLUMNS order."""
+
+    def delete_terminal_jobs(self, cur: Any, ids: Sequence[int]) -> None:
+        """Delete those of ids that are terminal jobs, with their events; live jobs stay."""
+
+    def raise_id_mark(self, cur: Any, job_id: int) -> None:
+        """Raise meta's job id high-water mark to job_id (never lower it)."""
+
+
+class SqliteWriter:
+    """executemany: SQLite runs each row in C with no per-row Python or round trip."""
+
+    def insert_jobs(self, cur: Any, rows: Sequence[Params]) -> None:
+        """Insert job rows given in JOB_COLUMNS order."""
+        marks = ", ".join("?" * len(JOB_COLUMNS))
+        cur.executemany(f"INSERT INTO jobs ({_JOB_COLS}) VALUES ({marks})", rows)
+
+    def update_jobs(self, cur: Any, cols: tuple[str, ...], rows: Sequence[Params]) -> None:
+        """Set cols on each (id, *values) row; ids that do not exist are skipped."""
+        sets = ", ".join(f"{c} = ?{i}" for i, c in enumerate(cols, start=2))
+        cur.executemany(f"UPDATE jobs SET {sets} WHERE id = ?1", rows)
+
+    def insert_events(self, cur: Any, rows: Sequence[Params]) -> None:
+        """Insert job_event rows given in EVENT_COLUMNS order."""
+        marks = ", ".join("?" * len(EVENT_COLUMNS))
+        cur.executemany(f"INSERT INTO job_events ({_EVENT_COLS}) VALUES ({marks})", rows)
+
+    def upsert_agents(self, cur: Any, rows: Sequence[Params]) -> None:
+        """Insert or update agent rows given in AGENT_COLUMNS order."""
+        marks = ", ".join("?" * len(AGENT_COLUMNS))
+        cur.executemany(f"INSERT INTO agents ({_AGENT_COLS}) VALUES ({marks}) {_AGENT_UPSERT}",
+                        rows)
+
+    def delete_terminal_jobs(self, cur: Any, ids: Sequence[int]) -> None:
+        """Delete those of ids that are terminal jobs, with their events; live jobs stay."""
+        for start in range(0, len(ids), SQLITE_IN_CHUNK):
+            chunk = list(ids[start:start + SQLITE_IN_CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            doomed = f"SELECT id FROM jobs WHERE id IN ({marks}) AND state IN ({_TERMINAL})"
+            cur.execute(f"DELETE FROM job_events WHERE job_id IN ({doomed})", chunk)
+            cur.execute(f"DELETE FROM jobs WHERE id IN ({doomed})", chunk)
+
+
+    def raise_id_mark(self, cur: Any, job_id: int) -> None:
+        """Raise meta's job id high-water mark to job_id (never lower it)."""
+        cur.execute(_ID_MARK.format(p="?"), (ID_MARK_KEY, str(job_id)))
+
+
+class PostgresWriter:
+    """execute_values: one multi-row statement (one round trip) per PG_PAGE rows."""
+
+    def __init__(self) -> None:
+        """Bind psycopg2's execute_values (imported here so SQLite-only installs need no driver)."""
+        from psycopg2.extras import execute_values
+
+        self._values = execute_values
+
+    def insert_jobs(self, cur: Any, rows: Sequence[Params]) -> None:
+        """Insert job rows given in JOB_COLUMNS order."""
+        self._values(cur, f"INSERT INTO jobs ({_JOB_COLS}) VALUES %s", rows, page_size=PG_PAGE)
+
+    def update_jobs(self, cur: Any, cols: tuple[str, ...], rows: Sequence[Params]) -> None:
+        """Set cols on each (id, *values) row; ids that do not exist are skipped."""
+        # Casts give the VALUES columns their types; an all-NULL column would be text otherwise.
+        template = "(" + ", ".join(f"%s::{JOB_PG_TYPES[c]}" for c in ("id", *cols)) + ")"
+        sets = ", ".join(f"{c} = v.{c}" for c in cols)
+        names = ", ".join(("id", *cols))
+        sql = f"UPDATE jobs SET {sets} FROM (VALUES %s) AS v({names}) WHERE jobs.id = v.id"
+        self._values(cur, sql, rows, template=template, page_size=PG_PAGE)
+
+    def insert_events(self, cur: Any, rows: Sequence[Params]) -> None:
+        """Insert job_event rows given in EVENT_COLUMNS order."""
+        self._values(cur, f"INSERT INTO job_events ({_EVENT_COLS}) VALUES %s", rows,
+                       page_size=PG_PAGE)
+
+    def upsert_agents(self, cur: Any, rows: Sequence[Params]) -> None:
+        """Insert or update agent rows given in AGENT_COLUMNS order."""
+        self._values(cur, f"INSERT INTO agents ({_AGENT_COLS}) VALUES %s {_AGENT_UPSERT}",
+                       rows, page_size=PG_PAGE)
+
+    def delete_terminal_jobs(self, cur: Any, ids: Sequence[int]) -> None:
+        """Delete those of ids that are terminal jobs, with their events; live jobs stay."""
+        doomed = f"SELECT id FROM jobs WHERE id = ANY(%s) AND state IN ({_TERMINAL})"
+        cur.execute(f"DELETE FROM job_events WHERE job_id IN ({doomed})", (list(ids),))
+        cur.execute(f"DELETE FROM jobs WHERE id IN ({doomed})", (list(ids),))
+
+    def raise_id_mark(self, cur: Any, job_id: int) -> None:
+        """Raise meta's job id high-water mark to job_id (never lower it)."""
+        cur.execute(_ID_MARK.format(p="%s"), (ID_MARK_KEY, str(job_id)))
