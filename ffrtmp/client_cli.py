@@ -11,6 +11,7 @@ from typing import Any
 from bus.client import Client, Subscriber
 from bus.errors import ClientError
 from bus.sockets import DEFAULT_EVENTS
+from ffrtmp.render import bandwidth, final_line, progress_line
 
 TERMINAL = ("completed", "failed", "timed_out", "cancelled")
 
@@ -81,19 +82,29 @@ def wait_for(client: Client, ids: list[int], events: str, quiet: bool) -> list[d
     sub = Subscriber(["job."] if len(ids) > 20 else [f"job.{i}." for i in ids], events)
     pending = set(ids)
     final: dict[int, dict[str, Any]] = {}
-    next_poll = 0.0
+    next_poll = next_line = 0.0
+    started: float | None = None
+    tty = sys.stderr.isatty()
+    single = len(ids) == 1 and not quiet
     try:
         while pending:
             item = sub.recv(0.2)
-            if item is not None and not quiet and len(ids) == 1:
-                _, msg = item
-                if msg.command == "PROGRESS":
-                    pct = 100 * float(msg.get("progress", 0.0))
-                    print(f"\r  job {msg['id']}: {pct:5.1f}%", end="", file=sys.stderr)
-                elif msg.command == "STATE":
-                    print(f"\r  job {msg['id']}: {msg['state']}        ", file=sys.stderr)
-            if time.monotonic() >= next_poll or (item and item[1].command == "STATE"
-                                                 and item[1]["state"] in TERMINAL):
+            now = time.monotonic()
+            if item is not None and single:
+                msg = item[1]
+                if msg.command == "PROGRESS" and (tty or now >= next_line):
+                    started = started or now
+                    line = progress_line(msg["id"], msg.body, now - started)
+                    print(f"\r{line}\033[K" if tty else line, end="" if tty else "\n",
+                          file=sys.stderr, flush=True)
+                    next_line = now + 1.0
+                elif msg.command == "STATE" and msg["state"] not in TERMINAL:
+                    if msg["state"] == "running":
+                        started = now
+                    print(("\r" if tty else "") + f"job {msg['id']}: {msg['state']}"
+                          + ("\033[K" if tty else ""), file=sys.stderr, flush=True)
+            if now >= next_poll or (item and item[1].command == "STATE"
+                                    and item[1]["state"] in TERMINAL):
                 chunk = sorted(pending)[:1000]
                 jobs, missing = client.get(chunk)
                 for job in jobs:
@@ -105,11 +116,15 @@ def wait_for(client: Client, ids: list[int], events: str, quiet: bool) -> list[d
                 if not quiet and len(ids) > 1:
                     print(f"\r  {len(ids) - len(pending)}/{len(ids)} finished", end="",
                           file=sys.stderr)
-                next_poll = time.monotonic() + 0.5
+                next_poll = now + 0.5
     finally:
         sub.close()
-    if not quiet and len(ids) > 1:
-        print(file=sys.stderr)
+    if not quiet:
+        if tty or len(ids) > 1:
+            print(file=sys.stderr)
+        for job_id in ids[:50]:
+            if job_id in final:
+                print(final_line(final[job_id]))
     return [final[i] for i in ids if i in final]
 
 
@@ -145,6 +160,11 @@ def cmd_jobs(args: argparse.Namespace, client: Client) -> int:
                     "started_at", "finished_at", "timeout_s", "output", "resource_limits",
                     "extra"):
             print(f"{key:>15}: {job[key]}")
+        extra = job.get("extra") or {}
+        if bandwidth(job):
+            print(f"{'bandwidth':>15}: {bandwidth(job)}")
+        if extra.get("speed") is not None:
+            print(f"{'encoder':>15}: {extra.get('fps', 0):.0f} fps, speed {extra['speed']:.2f}x")
         print("         events:")
         for ev in job["events"]:
             print(f"  {ev['at']}  {ev['from_state'] or '-':>10} -> {ev['to_state']:<10} "

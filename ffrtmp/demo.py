@@ -1,9 +1,8 @@
-"""`ffrtmp demo`: a master on SQLite, two local agents, a mixed batch with live progress, a summary."""
+"""`ffrtmp demo`: a master on SQLite, two local agents, a mixed batch with live progress."""
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -12,29 +11,40 @@ from typing import Any
 
 from bench.cluster import LocalCluster
 from bus.client import Client, Subscriber
+from ffrtmp.render import human_bytes
 
 TERMINAL = ("completed", "failed", "timed_out", "cancelled")
 
 
 def demo_specs() -> list[dict[str, Any]]:
-    """The demo's mixed batch."""
-    specs: list[dict[str, Any]] = [{"scenario": "sleep", "params": {"seconds": 1.5},
-                                    "priority": "high"} for _ in range(2)]
-    specs += [{"scenario": "burn", "params": {"cpu_seconds": 0.5}} for _ in range(2)]
-    specs += [{"scenario": "noop", "priority": "low"} for _ in range(20)]
+    """The demo's mixed batch: real transcodes of synthetic sources, plus a few quick jobs."""
+    src = "testsrc:duration={d},size=1280x720,rate=30"
+    specs: list[dict[str, Any]] = [
+        {"scenario": "1080p-h264", "input": src.format(d=6), "output": "demo/1080p.mp4",
+         "priority": "high"},
+        {"scenario": "720p-h264", "input": src.format(d=8), "output": "demo/720p.mp4",
+         "params": {"bitrate": "2M"}},
+        {"scenario": "1080p-h265", "input": src.format(d=3), "output": "demo/1080p-hevc.mp4"},
+        {"scenario": "1080p-vp9", "input": src.format(d=3), "output": "demo/1080p.webm"},
+        {"scenario": "480p-av1", "input": src.format(d=3), "output": "demo/480p-av1.mp4"},
+        {"scenario": "audio-aac", "input": src.format(d=20), "output": "demo/audio.m4a",
+         "priority": "low"},
+    ]
+    specs += [{"scenario": "noop", "priority": "low"} for _ in range(10)]
     return specs
 
 
 def _bar(progress: float, width: int = 20) -> str:
-    full = int(progress * width)
-    return "#" * full + "." * (width - full)
+    full = int(min(1.0, progress) * width)
+    return "[" + "#" * full + "." * (width - full) + "]"
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 if every job completed."""
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="ffrtmp-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(f"sqlite:///{workdir}/demo.db", agents=2, slots=2, workdir=workdir)
+    cluster = LocalCluster(f"sqlite:///{workdir}/demo.db", agents=2, slots=2, workdir=workdir,
+                           agent_prefix="agent")
     print(f"ffrtmp demo: master (SQLite at {workdir}/demo.db) + 2 agents x 2 slots")
     cluster.start()
     try:
@@ -47,12 +57,10 @@ def run(args: argparse.Namespace) -> int:
             _summary(final)
             nodes = client.nodes()
         print("\nagents: " + ", ".join(f"{n['name']} ({n['slots']} slots)" for n in nodes))
-        print(f"database and logs: {workdir}")
+        print(f"outputs: {workdir}/agent*/outputs/demo   database and logs: {workdir}")
         return 0 if all(j["state"] == "completed" for j in final.values()) else 1
     finally:
         cluster.stop()
-        if not args.dir and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _follow(client: Client, sub: Subscriber, ids: list[int],
@@ -73,9 +81,9 @@ def _follow(client: Client, sub: Subscriber, ids: list[int],
                 else:
                     progress[job["id"]] = max(progress.get(job["id"], 0.0), job["progress"])
             running = [j for j in jobs if j["state"] == "running"]
-            line = "  ".join(f"#{j['id']} {j['scenario']} [{_bar(progress.get(j['id'], 0))}]"
-                             for j in running[:3])
-            sys.stdout.write(f"\r{len(final):>3}/{len(ids)} done  {line:<90}")
+            line = "  ".join(f"#{j['id']} {j['scenario']} {_bar(progress.get(j['id'], 0), 10)} "
+                             f"{100 * progress.get(j['id'], 0):3.0f}%" for j in running[:4])
+            sys.stdout.write(f"\r{len(final):>3}/{len(ids)} done  {line:<110}")
             sys.stdout.flush()
             next_poll = time.monotonic() + 0.25
     print()
@@ -83,16 +91,21 @@ def _follow(client: Client, sub: Subscriber, ids: list[int],
 
 
 def _summary(final: dict[int, dict[str, Any]]) -> None:
-    print(f"\n{'ID':>4}  {'SCENARIO':<10} {'STATE':<10} {'AGENT':<8} {'ATT':>3}  OUTPUT")
+    print(f"\n{'ID':>4}  {'SCENARIO':<11} {'STATE':<10} {'AGENT':<7} {'TOOK':>6} {'FPS':>5} "
+          f"{'SIZE':>10}  OUTPUT")
     for job in sorted(final.values(), key=lambda j: j["id"]):
-        print(f"{job['id']:>4}  {job['scenario']:<10} {job['state']:<10} {job['agent'] or '-':<8} "
-              f"{job['attempt']:>3}  {job['output'] or ''}")
+        extra = job.get("extra") or {}
+        took = f"{extra['duration_s']:.1f}s" if extra.get("duration_s") else "-"
+        fps = f"{extra['fps']:.0f}" if extra.get("fps") else "-"
+        size = human_bytes(job["bytes_out"]) if job["bytes_out"] else "-"
+        print(f"{job['id']:>4}  {job['scenario']:<11} {job['state']:<10} {job['agent'] or '-':<7} "
+              f"{took:>6} {fps:>5} {size:>10}  {extra.get('output_path') or ''}")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the demo subcommand."""
     p = sub.add_parser("demo", help="run a local demo cluster with a mixed batch of jobs")
-    p.add_argument("--dir", help="keep the database, logs and outputs here")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--dir", help="where the database, logs and outputs go (default: a new "
+                                 "temporary directory, kept)")
     p.add_argument("--timeout", type=float, default=300)
     p.set_defaults(func=run)

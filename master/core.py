@@ -6,6 +6,7 @@ server commits `batch` and only afterwards sends `outbox` and `published` (persi
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Iterable
@@ -24,6 +25,8 @@ from storage import WriteBatch
 log = logging.getLogger("ffrtmp.master")
 
 AGENT, CLIENT = "agent", "client"
+MAX_SLOTS = 100_000
+HELLO_STORED = ("name", "version", "resources", "workloads", "encoders", "cgroup", "limits")
 DONE_EVENTS = {
     "completed": sm.COMPLETE,
     "failed": sm.FAIL,
@@ -221,6 +224,12 @@ class MasterCore:
                         bytes_in=job.bytes_in, bytes_out=job.bytes_out, extra=extra)
 
     def _hello(self, ident: bytes, msg: Message, now: float, wall: float) -> None:
+        # What HELLO brings is stored: a value the store refuses would wedge every commit.
+        bad = next((k for k in HELLO_STORED if not _storable(msg[k])), None)
+        if bad is not None or not 0 <= msg["slots"] <= MAX_SLOTS:
+            text = f"HELLO.{bad}: not storable" if bad else f"HELLO.slots: 0 to {MAX_SLOTS}"
+            self.send(AGENT, ident, "ERROR", {"code": "bad_body", "text": text})
+            return
         name = msg["name"]
         old = self.by_name.get(name)
         if old is not None and old.ident != ident:
@@ -353,3 +362,12 @@ class MasterCore:
             if conn.acks:
                 self.send(AGENT, conn.ident, "DONE_ACK", {"acks": conn.acks})
                 conn.acks = []
+
+
+def _storable(value: Any) -> bool:
+    """True if the store can keep value: JSON-encodable, no NUL (PostgreSQL text refuses it)."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return "\\u0000" not in text.replace("\\\\", "")  # a NUL, not an escaped backslash + u0000

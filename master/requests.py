@@ -17,6 +17,7 @@ from storage import Store, StorageError
 
 MAX_SPECS = 10_000
 MAX_IDS = 10_000
+INT64 = range(-(2**63), 2**63)  # what the database can compare ids with (msgpack goes to 2^64-1)
 
 
 class RequestError(Exception):
@@ -134,7 +135,7 @@ class Requests:
         return "REPLY", {"results": results}
 
     def _retry(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
-        job_id = msg["id"]
+        job_id = _int64("id", msg["id"])
         if job_id in self.core.jobs:
             raise RequestError("conflict", f"job {job_id} is {self.core.jobs[job_id].state}, "
                                            "not terminal: nothing to retry")
@@ -197,7 +198,10 @@ class Requests:
         limit = msg["limit"]
         if not 1 <= limit <= 1000:
             raise RequestError("bad_body", "limit: must be between 1 and 1000")
-        rows = self.store.list_jobs(states=states, limit=limit, before_id=msg["before_id"])
+        before_id = msg["before_id"]
+        if before_id is not None:
+            _int64("before_id", before_id)
+        rows = self.store.list_jobs(states=states, limit=limit, before_id=before_id)
         return "REPLY", {"jobs": self._views(rows)}
 
     def _nodes(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
@@ -240,6 +244,13 @@ class Requests:
 
 
 def _ids(raw: list[Any]) -> list[int]:
-    if len(raw) > MAX_IDS or not all(isinstance(i, int) and not isinstance(i, bool) for i in raw):
-        raise RequestError("bad_body", f"ids: a list of at most {MAX_IDS} integers")
+    if len(raw) > MAX_IDS or not all(isinstance(i, int) and not isinstance(i, bool)
+                                     and i in INT64 for i in raw):
+        raise RequestError("bad_body", f"ids: a list of at most {MAX_IDS} 64-bit integers")
     return raw
+
+
+def _int64(key: str, value: int) -> int:
+    if value not in INT64:
+        raise RequestError("bad_body", f"{key}: must be a 64-bit signed integer")
+    return value
