@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.ffmpeg.discovery import NoFFmpeg
+from bus.security import KeyMaterialError, load_peer
 from agent.loop import Agent
 from bus.sockets import DEFAULT_AGENTS
 
@@ -36,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="directory job outputs are written under (default: WORK_DIR/outputs)")
     p.add_argument("--stall-timeout", type=float, default=300.0,
                    help="kill a job whose progress stopped for this long, s (0: never)")
+    p.add_argument("--key", default=None, metavar="FILE",
+                   help="this agent's CURVE secret key file (from `ffrtmp keys generate`)")
+    p.add_argument("--master-key", default=None, metavar="FILE",
+                   help="the master's public key file (master.key)")
     p.set_defaults(func=run)
 
 
@@ -43,9 +48,17 @@ def run(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM/SIGINT."""
     if args.slots < 1:
         raise SystemExit("ffrtmp agent: --slots must be at least 1")
+    keys = None
+    if args.key or args.master_key:
+        if not (args.key and args.master_key):
+            raise SystemExit("ffrtmp agent: --key and --master-key go together")
+        try:
+            keys = load_peer(args.key, args.master_key)
+        except KeyMaterialError as e:
+            raise SystemExit(f"ffrtmp agent: {e}") from e
     work_dir = args.work_dir or _default_work_dir()
     cfg = AgentConfig(
-        work_dir=work_dir, ffmpeg=args.ffmpeg, stall_s=args.stall_timeout,
+        work_dir=work_dir, ffmpeg=args.ffmpeg, keys=keys, stall_s=args.stall_timeout,
         input_root=args.input_root or work_dir / "inputs",
         output_root=args.output_root or work_dir / "outputs", master=args.master, name=args.name,
         slots=args.slots, metrics=None if args.metrics in ("off", "", "none") else args.metrics,

@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from bus.security import PeerKeys
 from bus.sockets import DEFAULT_AGENTS
 
 
@@ -27,3 +28,4 @@ class AgentConfig:
     input_root: Path = Path(".")
     output_root: Path = Path(".")
     stall_s: float = 300.0
+    keys: PeerKeys | None = None  # CURVE keys (bus/security.py); None: plain TCP

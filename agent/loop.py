@@ -83,7 +83,8 @@ class Agent:
         if self.sock is not None:
             self.sock.close(linger=0)
         ident = f"{self.cfg.name}/{secrets.token_hex(4)}".encode()
-        self.sock = connect_dealer(self.ctx, self.cfg.master, ident, AGENT_MAX_MSG)
+        self.sock = connect_dealer(self.ctx, self.cfg.master, ident, AGENT_MAX_MSG,
+                                   self.cfg.keys)
         self.registered = False
         self.granted = 0
         self.last_recv = now

@@ -12,6 +12,7 @@ import zmq
 from bus.codec import Message, decode, encode
 from bus.errors import ClientError, ProtocolError
 from bus.schemas import EVENTS, MASTER_TO_CLIENT
+from bus.security import PeerKeys
 from bus.sockets import DEFAULT_CLIENTS, DEFAULT_EVENTS, connect_dealer, connect_sub
 
 
@@ -19,9 +20,11 @@ class Client:
     """A connection to the master's client endpoint; every call waits at most `timeout` s."""
 
     def __init__(
-        self, endpoint: str = DEFAULT_CLIENTS, timeout: float = 10.0, ctx: zmq.Context | None = None
+        self, endpoint: str = DEFAULT_CLIENTS, timeout: float = 10.0, ctx: zmq.Context | None = None,
+        keys: PeerKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.keys = keys
         self.timeout = timeout
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
@@ -44,7 +47,7 @@ class Client:
 
     def _socket(self) -> zmq.Socket:
         if self._sock is None:
-            self._sock = connect_dealer(self._ctx, self.endpoint)
+            self._sock = connect_dealer(self._ctx, self.endpoint, keys=self.keys)
         return self._sock
 
     def request(self, command: str, **body: Any) -> dict[str, Any]:
@@ -115,11 +118,12 @@ class Subscriber:
     """Events from the master's PUB socket, filtered by topic prefixes."""
 
     def __init__(
-        self, topics: list[str], endpoint: str = DEFAULT_EVENTS, ctx: zmq.Context | None = None
+        self, topics: list[str], endpoint: str = DEFAULT_EVENTS, ctx: zmq.Context | None = None,
+        keys: PeerKeys | None = None,
     ) -> None:
         self._own_ctx = ctx is None
         self._ctx = ctx or zmq.Context()
-        self._sock = connect_sub(self._ctx, endpoint, topics)
+        self._sock = connect_sub(self._ctx, endpoint, topics, keys)
 
     def recv(self, timeout: float) -> tuple[str, Message] | None:
         """The next (topic, message), or None if nothing came within timeout s."""

@@ -8,6 +8,8 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from bus.security import MasterSecurity, PeerKeys, apply_peer
+
 DEFAULT_AGENTS = "tcp://127.0.0.1:5555"
 DEFAULT_CLIENTS = "tcp://127.0.0.1:5556"
 DEFAULT_EVENTS = "tcp://127.0.0.1:5557"
@@ -36,11 +38,15 @@ def is_loopback(endpoint: str) -> bool:
             return False
 
 
-def _bind(sock: zmq.Socket, endpoint: str, insecure: bool) -> None:
-    if not insecure and not is_loopback(endpoint):
+def _bind(sock: zmq.Socket, endpoint: str, insecure: bool,
+          security: MasterSecurity | None = None, domain: str = "") -> None:
+    if security is not None:
+        security.serve(sock, domain)
+    elif not insecure and not is_loopback(endpoint):
         sock.close(linger=0)
         raise BindError(
-            f"refusing to bind {endpoint}: not loopback and no CURVE keys (pass --insecure)"
+            f"refusing to bind {endpoint}: not loopback and no CURVE keys (pass --keys DIR, "
+            "or --insecure to accept anyone who can reach it)"
         )
     try:
         sock.bind(endpoint)
@@ -50,7 +56,8 @@ def _bind(sock: zmq.Socket, endpoint: str, insecure: bool) -> None:
 
 
 def bind_router(
-    ctx: zmq.Context, endpoint: str, max_msg: int, insecure: bool = False
+    ctx: zmq.Context, endpoint: str, max_msg: int, insecure: bool = False,
+    security: MasterSecurity | None = None, domain: str = "",
 ) -> zmq.Socket:
     """A ROUTER for agents or clients: mandatory routing, bounded messages, high HWMs."""
     sock = ctx.socket(zmq.ROUTER)
@@ -60,24 +67,27 @@ def bind_router(
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    _bind(sock, endpoint, insecure)
+    _bind(sock, endpoint, insecure, security, domain)
     return sock
 
 
-def bind_pub(ctx: zmq.Context, endpoint: str, insecure: bool = False) -> zmq.Socket:
+def bind_pub(ctx: zmq.Context, endpoint: str, insecure: bool = False,
+             security: MasterSecurity | None = None, domain: str = "") -> zmq.Socket:
     """The events PUB socket."""
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HWM)
-    _bind(sock, endpoint, insecure)
+    _bind(sock, endpoint, insecure, security, domain)
     return sock
 
 
 def connect_dealer(
-    ctx: zmq.Context, endpoint: str, identity: bytes | None = None, max_msg: int = CLIENT_MAX_MSG
+    ctx: zmq.Context, endpoint: str, identity: bytes | None = None, max_msg: int = CLIENT_MAX_MSG,
+    keys: PeerKeys | None = None,
 ) -> zmq.Socket:
     """A DEALER with reconnect backoff (100 ms doubling to 5 s) and no linger."""
     sock = ctx.socket(zmq.DEALER)
+    apply_peer(sock, keys)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
     sock.setsockopt(zmq.LINGER, 0)
@@ -91,9 +101,11 @@ def connect_dealer(
     return sock
 
 
-def connect_sub(ctx: zmq.Context, endpoint: str, topics: list[str]) -> zmq.Socket:
+def connect_sub(ctx: zmq.Context, endpoint: str, topics: list[str],
+                keys: PeerKeys | None = None) -> zmq.Socket:
     """A SUB socket subscribed to each topic prefix (all topics if the list is empty)."""
     sock = ctx.socket(zmq.SUB)
+    apply_peer(sock, keys)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, HWM)
     for topic in topics or [""]:

@@ -11,7 +11,8 @@ from agent import cli as agent_cli
 from bus.client import Client
 from bus.errors import ClientError
 from bus.sockets import DEFAULT_CLIENTS, DEFAULT_EVENTS
-from ffrtmp import client_cli, demo
+from bus.security import KeyMaterialError, load_peer
+from ffrtmp import client_cli, demo, keys
 from master import cli as master_cli
 from storage import StorageError
 
@@ -25,12 +26,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--events-ep", default=None, help=f"events endpoint ({DEFAULT_EVENTS})")
     parser.add_argument("--timeout", dest="request_timeout", type=float, default=10.0,
                         help="seconds to wait for each reply from the master")
+    parser.add_argument("--client-key", default=os.environ.get("FFRTMP_CLIENT_KEY"),
+                        metavar="FILE", help="CURVE secret key of this client "
+                                             "(FFRTMP_CLIENT_KEY)")
+    parser.add_argument("--master-key", dest="master_public_key", metavar="FILE",
+                        default=os.environ.get("FFRTMP_MASTER_KEY"),
+                        help="the master's public key file (FFRTMP_MASTER_KEY)")
     parser.add_argument("--log-level", default=os.environ.get("FFRTMP_LOG", "info"))
     sub = parser.add_subparsers(dest="command", required=True)
     master_cli.add_parser(sub)
     agent_cli.add_parser(sub)
     client_cli.add_parsers(sub)
     demo.add_parser(sub)
+    keys.add_parser(sub)
     return parser
 
 
@@ -44,11 +52,19 @@ def main(argv: list[str] | None = None) -> int:
             endpoint = args.master_ep or os.environ.get("FFRTMP_MASTER") or DEFAULT_CLIENTS
             if args.events_ep:
                 args.events = args.events_ep
-            with Client(endpoint, timeout=args.request_timeout) as client:
+            peer = None
+            if args.client_key or args.master_public_key:
+                if not (args.client_key and args.master_public_key):
+                    raise SystemExit("ffrtmp: --client-key and --master-key go together")
+                peer = load_peer(args.client_key, args.master_public_key)
+            with Client(endpoint, timeout=args.request_timeout, keys=peer) as client:
                 return int(args.func(args, client))
         return int(args.func(args))
     except ClientError as e:
         print(f"ffrtmp: {e.code}: {e.text}", file=sys.stderr)
+        return 2
+    except KeyMaterialError as e:
+        print(f"ffrtmp: keys: {e}", file=sys.stderr)
         return 2
     except StorageError as e:
         print(f"ffrtmp: database: {e}", file=sys.stderr)

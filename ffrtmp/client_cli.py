@@ -79,7 +79,8 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
 
 def wait_for(client: Client, ids: list[int], events: str, quiet: bool) -> list[dict[str, Any]]:
     """Follow jobs to terminal states: events for liveliness, GET polling for certainty."""
-    sub = Subscriber(["job."] if len(ids) > 20 else [f"job.{i}." for i in ids], events)
+    sub = Subscriber(["job."] if len(ids) > 20 else [f"job.{i}." for i in ids], events,
+                     keys=client.keys)
     pending = set(ids)
     final: dict[int, dict[str, Any]] = {}
     next_poll = next_line = 0.0

@@ -9,6 +9,8 @@ import os
 from bus.sockets import DEFAULT_AGENTS, DEFAULT_CLIENTS, DEFAULT_EVENTS
 from master.config import MasterConfig
 from bus.scenarios import ScenarioError
+from bus.security import KeyMaterialError
+from bus.sockets import BindError
 from master.scenarios import load_presets, make_checks
 from master.server import Master
 from storage import default_db_url
@@ -35,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retry-base", type=float, default=1.0, help="first retry backoff, s")
     p.add_argument("--scenarios", default=None,
                    help="TOML file of extra scenarios ([scenarios.NAME] tables)")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="CURVE key directory from `ffrtmp keys generate` (encrypt and "
+                        "authenticate agents and clients)")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding non-loopback addresses without CURVE")
     p.set_defaults(func=run)
@@ -46,15 +51,19 @@ def run(args: argparse.Namespace) -> int:
         db_url=args.db or os.environ.get("FFRTMP_DB") or default_db_url(),
         agents=args.agents, clients=args.clients, events=args.events,
         metrics=None if args.metrics in ("off", "", "none") else args.metrics,
-        insecure=args.insecure, heartbeat_s=args.heartbeat, liveness=args.liveness,
+        insecure=args.insecure, keys_dir=args.keys, heartbeat_s=args.heartbeat,
+        liveness=args.liveness,
         aging_s=args.aging, recovery_grace_s=args.recovery_grace, retry_base_s=args.retry_base,
     )
     try:
         scenarios = make_checks(load_presets(args.scenarios))
     except ScenarioError as e:
         raise SystemExit(f"ffrtmp master: {e}") from e
-    master = Master(cfg, scenarios=scenarios)
-    master.bind()
+    try:
+        master = Master(cfg, scenarios=scenarios)
+        master.bind()
+    except (BindError, KeyMaterialError) as e:
+        raise SystemExit(f"ffrtmp master: {e}") from e
     master.install_signals()
     master.run()
     return 0

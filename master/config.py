@@ -17,6 +17,7 @@ class MasterConfig:
     events: str = DEFAULT_EVENTS
     metrics: str | None = "127.0.0.1:9470"  # HOST:PORT, or None for no HTTP endpoint
     insecure: bool = False
+    keys_dir: str | None = None  # CURVE key directory (bus/security.py); None: no encryption
     heartbeat_s: float = 1.0
     liveness: int = 3
     aging_s: float = 60.0
@@ -26,6 +27,13 @@ class MasterConfig:
     progress_flush_s: float = 1.0
     stats_interval_s: float = 1.0
     max_messages_per_turn: int = 5000
+    sla_done_s: float = 600.0  # SLA: submission to completion
+    sla_wait_s: float = 30.0  # SLA: submission to first assignment
+    sla_target: float = 0.95  # SLA: fraction of judged jobs that should meet it
+    retention_days: float = 7.0  # terminal jobs older than this are deleted; 0 keeps them
+    retention_interval_s: float = 60.0
+    retention_batch: int = 1000  # deletions per turn at most
+    maintenance_interval_s: float = 3600.0  # online database upkeep; 0 never
 
     @property
     def dead_after_s(self) -> float:

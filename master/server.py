@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from bus.errors import ProtocolError
 from bus.schemas import AGENT_TO_MASTER, CLIENT_TO_MASTER
 from bus.codec import decode, encode
+from bus.security import AGENTS_DOMAIN, CLIENTS_DOMAIN, MasterSecurity
 from bus.sockets import AGENT_MAX_MSG, CLIENT_MAX_MSG, bind_pub, bind_router
 from master.config import MasterConfig
 from master.core import AGENT, MasterCore
@@ -46,15 +47,20 @@ class Master:
         self.ctx = zmq.Context()
         self.agents = self.clients = self.events = None
         self.metrics_server: Any = None
+        self.security: MasterSecurity | None = None
         self._unreachable: list[bytes] = []  # agents a send failed to; dropped after next drain
 
     def bind(self) -> None:
         """Bind all sockets (and the metrics endpoint); raises BindError on a refused address."""
         try:
-            self.agents = bind_router(self.ctx, self.cfg.agents, AGENT_MAX_MSG, self.cfg.insecure)
-            self.clients = bind_router(self.ctx, self.cfg.clients, CLIENT_MAX_MSG,
-                                       self.cfg.insecure)
-            self.events = bind_pub(self.ctx, self.cfg.events, self.cfg.insecure)
+            if self.cfg.keys_dir:
+                self.security = MasterSecurity(self.ctx, self.cfg.keys_dir)
+            sec, insecure = self.security, self.cfg.insecure
+            self.agents = bind_router(self.ctx, self.cfg.agents, AGENT_MAX_MSG, insecure,
+                                      sec, AGENTS_DOMAIN)
+            self.clients = bind_router(self.ctx, self.cfg.clients, CLIENT_MAX_MSG, insecure,
+                                       sec, CLIENTS_DOMAIN)
+            self.events = bind_pub(self.ctx, self.cfg.events, insecure, sec, CLIENTS_DOMAIN)
         except Exception:
             self.close()
             raise
@@ -84,6 +90,9 @@ class Master:
             server.server_close()
             thread.join(timeout=2)
             self.metrics_server = None
+        if self.security is not None:
+            self.security.stop()
+            self.security = None
         self.ctx.term()
         self.store.close()
 

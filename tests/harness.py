@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 
 from bus.client import Client
+from bus.security import PeerKeys
 from conftest import free_ports, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,7 @@ class Cluster:
         self._client: Client | None = None
         self._logs: list[Path] = []
         self._starts = 0
+        self.client_keys: PeerKeys | None = None  # CURVE keys for self.client, if the master has
 
     def _spawn(self, label: str, args: list[str]) -> subprocess.Popen[bytes]:
         self._starts += 1
@@ -66,7 +68,7 @@ class Cluster:
 
     def _answers(self) -> bool:
         try:
-            with Client(self.clients_ep, timeout=0.5) as c:
+            with Client(self.clients_ep, timeout=0.5, keys=self.client_keys) as c:
                 c.stats()
             return True
         except Exception:
@@ -88,7 +90,7 @@ class Cluster:
     def client(self) -> Client:
         """A client connected to this cluster's master."""
         if self._client is None:
-            self._client = Client(self.clients_ep, timeout=10)
+            self._client = Client(self.clients_ep, timeout=10, keys=self.client_keys)
         return self._client
 
     def node(self, name: str) -> dict[str, Any] | None:
