@@ -1,0 +1,1 @@
+"""The Textual dashboard (`ffrtmp dash`); it reads the master only through `bus`."""
