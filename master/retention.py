@@ -1,0 +1,111 @@
+"""Retention and scheduled database upkeep for the master.
+
+`Retention` runs inside the master loop: every `interval_s` it looks up at most `batch` terminal
+jobs that finished more than `days` ago (an indexed scan) and queues their deletion in the turn's
+WriteBatch, so they go out with the normal group commit; a full batch means more are due and the
+next one follows after `catch_up_s`. Dispatch is never held up by more than one bounded batch.
+
+`Maintenance` is a thread with its own database connection that runs `storage.maintenance.optimize`
+(SQLite `PRAGMA optimize` + incremental vacuum; PostgreSQL `ANALYZE`) every `interval_s`, outside
+the loop. The full `VACUUM` is an operator's `ffrtmp db vacuum`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from master.metrics import MasterMetrics
+from storage import StorageError, Store, WriteBatch
+from storage.maintenance import DAY_S, optimize
+
+log = logging.getLogger("ffrtmp.master")
+
+
+class Retention:
+    """Queues deletions of old terminal jobs into the master's turn batch (loop thread only)."""
+
+    def __init__(self, store: Store, metrics: MasterMetrics, days: float,
+                 interval_s: float = 60.0, batch: int = 1000, catch_up_s: float = 1.0) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.days = days
+        self.interval_s = interval_s
+        self.batch = batch
+        self.catch_up_s = catch_up_s
+        self.next_at = 0.0
+
+    def tick(self, now: float, wall: float, batch: WriteBatch) -> int:
+        """If due, add up to `self.batch` deletions to batch; returns how many (monotonic now)."""
+        if self.days <= 0 or now < self.next_at:
+            return 0
+        try:
+            ids = self.store.terminal_older_than(wall - self.days * DAY_S, self.batch)
+        except StorageError as e:
+            self.metrics.db_errors.labels("retention").inc()
+            log.warning("retention scan failed (%s); next try in %.0fs", e, self.interval_s)
+            self.next_at = now + self.interval_s
+            return 0
+        for job_id in ids:
+            batch.delete(job_id)
+        if ids:
+            self.metrics.retention_deleted.inc(len(ids))
+            log.info("retention: deleting %d terminal jobs finished over %g days ago",
+                     len(ids), self.days)
+        self.next_at = now + (self.catch_up_s if len(ids) >= self.batch else self.interval_s)
+        return len(ids)
+
+
+class Maintenance:
+    """A thread that runs online database upkeep every interval_s on its own connection."""
+
+    def __init__(self, db_url: str, metrics: MasterMetrics, interval_s: float) -> None:
+        self.db_url = db_url
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._store: Store | None = None
+
+    def start(self) -> None:
+        """Start the thread (nothing happens when interval_s <= 0)."""
+        if self.interval_s <= 0 or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="ffrtmp-db-maintenance",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread (waiting for a pass in progress) and close its connection."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.wait(self.interval_s):
+                self.run_once()
+        finally:
+            if self._store is not None:
+                self._store.close()
+                self._store = None
+
+    def run_once(self) -> str | None:
+        """One upkeep pass; returns the operation run, or None if it failed (logged, counted)."""
+        started = time.perf_counter()
+        op = "optimize"
+        try:
+            if self._store is None:
+                self._store = Store(self.db_url)
+            op = optimize(self._store)
+        except StorageError as e:
+            self.metrics.maintenance.labels(op, "error").inc()
+            log.warning("database maintenance failed: %s", e)
+            if self._store is not None:
+                self._store.close()
+            return None
+        self.metrics.maintenance.labels(op, "ok").inc()
+        log.info("database maintenance: %s in %.3fs", op, time.perf_counter() - started)
+        return op
