@@ -41,7 +41,7 @@ class LocalCluster:
     def __init__(self, db_url: str | None, agents: int, slots: int,
                  workdir: Path | None = None, master_args: list[str] | None = None,
                  *, simulated: bool = False, metrics: bool = False,
-                 agent_args: list[str] | None = None) -> None:
+                 agent_args: list[str] | None = None, agent_prefix: str | None = None) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="ffrtmp-bench-"))
         self.db_url = db_url or f"sqlite:///{self.workdir}/bench.db"
         pa, pc, pe, pm = _free_ports(4)
@@ -53,6 +53,8 @@ class LocalCluster:
         self.simulated = simulated
         self.master_args = master_args or []
         self.agent_args = agent_args or []
+        # agents are named <prefix>0, <prefix>1, ... (simulated ones <prefix>000, ...)
+        self.agent_prefix = agent_prefix or ("sim" if simulated else "bench")
         self.master: subprocess.Popen[bytes] | None = None
         self.agents: list[subprocess.Popen[bytes]] = []
 
@@ -62,10 +64,10 @@ class LocalCluster:
         return f"http://{self.metrics_addr}/metrics" if self.metrics_addr else None
 
     def _spawn(self, label: str, args: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.workdir / f"{label}.log", "wb")  # noqa: SIM115 - owned by the child
         env = {**os.environ, "FFRTMP_LOG": "warning"}
-        return subprocess.Popen([sys.executable, "-m", *args], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(self.workdir / f"{label}.log", "wb") as log:  # the child keeps its own copy
+            return subprocess.Popen([sys.executable, "-m", *args], stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def start(self, timeout: float = 30.0) -> None:
         """Start everything and wait until all agents are registered."""
@@ -77,11 +79,12 @@ class LocalCluster:
         if self.simulated:
             self.agents.append(self._spawn("sim", [
                 "bench.sim", "--master", self.agents_ep, "--agents", str(self.n_agents),
-                "--slots", str(self.slots)]))
+                "--slots", str(self.slots), "--prefix", self.agent_prefix]))
         else:
             for i in range(self.n_agents):
                 self.agents.append(self._spawn(f"agent{i}", [
-                    "ffrtmp", "agent", "--master", self.agents_ep, "--name", f"bench{i}",
+                    "ffrtmp", "agent", "--master", self.agents_ep, "--name",
+                    f"{self.agent_prefix}{i}",
                     "--slots", str(self.slots), "--work-dir", str(self.workdir / f"agent{i}"),
                     "--metrics", "off", *self.agent_args]))
         deadline = time.monotonic() + timeout

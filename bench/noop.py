@@ -1,7 +1,9 @@
 """End-to-end noop throughput and latency: `python -m bench.noop [--db URL] [--jobs N] …`.
 
 Measures submit -> completed (durably committed: the master publishes a job's final state only
-after the commit) for `noop` jobs through the real master, agents, store and bus.
+after the commit) for `noop` jobs through the real master, agents, store and bus. A quick script;
+`ffrtmp bench` (bench/cli.py) is the full load runner, and measures latency with events instead
+of the GET polling used here (polling adds its own round trips to what it measures).
 """
 
 from __future__ import annotations

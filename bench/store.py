@@ -1,0 +1,70 @@
+"""The storage ceiling: how many job lifecycles per second `Store.apply` absorbs, per backend.
+
+No sockets, no master: the same writes a master turn produces for a `noop` job (insert +
+`submitted` event, `assigned` update + event, `completed` update + event), applied in group
+commits of `batch` jobs, the way the master batches a loop turn. This separates what the
+database can take from what the master's CPU can feed it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.env import db_version, fresh_db
+from bench.stats import summary
+from storage import Store, WriteBatch
+
+SPEC = {"scenario": "noop", "input": None, "output": None, "params": {}, "priority": "normal",
+        "timeout_s": None, "max_attempts": 3, "resource_limits": {}}
+
+
+def _turns(first_id: int, n: int, wall: float) -> list[WriteBatch]:
+    ids = range(first_id, first_id + n)
+    submit, assign, done = WriteBatch(), WriteBatch(), WriteBatch()
+    for i in ids:
+        submit.inserts.append({
+            "id": i, "scenario": "noop", "spec": SPEC, "state": "queued", "priority": 1,
+            "attempt": 0, "max_attempts": 3, "created_at": wall, "updated_at": wall,
+            "timeout_s": None, "output": None, "idem_key": None, "reason": None,
+            "extra": {"requires": "workload:noop"}})
+        assign.update(i, state="assigned", attempt=1, updated_at=wall, reason=None,
+                      agent="bench0", not_before=None)
+        assign.event(job_id=i, at=wall, from_state="queued", to_state="assigned", reason=None,
+                     agent="bench0", attempt=1)
+        done.update(i, state="completed", attempt=1, updated_at=wall, reason=None,
+                    exit_code=0, bytes_in=0, bytes_out=0, extra={"duration_s": 0.0},
+                    finished_at=wall, progress=1.0)
+        done.event(job_id=i, at=wall, from_state="assigned", to_state="completed", reason=None,
+                   agent="bench0", attempt=1)
+    return [submit, assign, done]
+
+
+def ceiling(db: str, workdir: Path, batches: list[int], jobs: int = 20_000,
+            pg: str | None = None) -> dict[str, Any]:
+    """{backend, database, rows: [{batch, jobs_per_s, commit_ms}]} for each batch size."""
+    url, backend, cleanup = fresh_db(db, workdir, pg)
+    rows = []
+    try:
+        store = Store(url)
+        try:
+            next_id = 1
+            for b in batches:
+                n = max(b, (jobs // b) * b)
+                commits: list[float] = []
+                started = time.perf_counter()
+                for first in range(next_id, next_id + n, b):
+                    for batch in _turns(first, b, time.time()):
+                        t0 = time.perf_counter()
+                        store.apply(batch)
+                        commits.append(1000 * (time.perf_counter() - t0))
+                elapsed = time.perf_counter() - started
+                next_id += n
+                rows.append({"batch": b, "jobs": n, "jobs_per_s": round(n / elapsed, 1),
+                             "commit_ms": summary(commits)})
+        finally:
+            store.close()
+        return {"backend": backend, "database": db_version(url), "rows": rows}
+    finally:
+        cleanup()
