@@ -10,6 +10,7 @@ Everything here follows docs/protocol.md; nothing is imported from ffrtmp.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -36,12 +37,11 @@ def unpack(frames: list[bytes]) -> tuple[str, dict[str, Any]] | None:
 
 
 def param(text: str) -> tuple[str, Any]:
-    """KEY=VALUE with VALUE read as JSON when it is JSON (numbers, true, null), else a string."""
+    """KEY=VALUE, VALUE read as JSON if it is JSON (numbers, true, null), else as a string."""
     key, _, value = text.partition("=")
-    try:
+    with contextlib.suppress(ValueError):
         return key, json.loads(value)
-    except ValueError:
-        return key, value
+    return key, value
 
 
 def main() -> int:
@@ -92,12 +92,9 @@ def follow(args: argparse.Namespace, specs: list[dict[str, Any]], sub: zmq.Socke
             next_get = now + args.poll
         for sock, _ in poller.poll(max(1, int((min(deadline, next_get) - now) * 1000))):
             frames = sock.recv_multipart()
-            if sock is sub:
-                if not frames[0].endswith(b".state"):
-                    continue  # job.<id>.progress
-                frames = frames[1:]  # drop the topic
-            msg = unpack(frames)
-            if msg is None:
+            if sock is sub:  # [topic, header, command, body]; skip job.<id>.progress
+                frames = frames[1:] if frames[0].endswith(b".state") else []
+            if (msg := unpack(frames)) is None:
                 continue
             command, body = msg
             if command == "ERROR" and body.get("rid") in (1, rid):

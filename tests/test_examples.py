@@ -6,8 +6,6 @@ import ast
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,15 +15,6 @@ from harness import ROOT, Cluster
 EXAMPLES = ROOT / "examples"
 SCRIPTS = ("submit_and_follow.py", "list_and_cancel.py")
 
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, f"sqlite:///{tmp_path}/ffrtmp.db")
-    try:
-        c.start_master()
-        yield c
-    finally:
-        c.close()
 
 
 def run(cluster: Cluster, script: str, *args: str, timeout: float = 30.0

@@ -349,7 +349,7 @@ def test_database_outage_refuses_requests_and_recovers_without_loss(
     assert master.poll() is None, "the master died with its database\n" + cluster.dump_logs()
 
     _pg_admin(pg_server_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-    wait_for(lambda: master.poll() is None and cluster._answers(), 20,
+    wait_for(lambda: master.poll() is None and cluster.answers(), 20,
              message="master answering again after the database came back")
     after = cluster.client.submit([{"scenario": "noop"}] * 3 + [sleep_spec(0.2)],
                                   idempotency_key="during-outage")
