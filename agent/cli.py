@@ -7,10 +7,13 @@ import os
 import socket
 from pathlib import Path
 
+from agent.admission import Reservation
+from agent.cgroups import MODES, POLICIES, CgroupError
 from agent.config import AgentConfig
 from agent.ffmpeg.discovery import NoFFmpeg
-from bus.security import KeyMaterialError, load_peer
 from agent.loop import Agent
+from agent.metrics import MetricsError
+from bus.security import KeyMaterialError, load_peer
 from bus.sockets import DEFAULT_AGENTS
 
 
@@ -37,6 +40,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="directory job outputs are written under (default: WORK_DIR/outputs)")
     p.add_argument("--stall-timeout", type=float, default=300.0,
                    help="kill a job whose progress stopped for this long, s (0: never)")
+    p.add_argument("--cgroup", choices=MODES, default="auto",
+                   help="job cgroups: auto (v2, else v1, else none), v2, v1 or none")
+    p.add_argument("--cgroup-parent", default=None, metavar="PATH",
+                   help="parent cgroup (path in the hierarchy; default: ffrtmp-NAME under the "
+                        "agent's own cgroup)")
+    p.add_argument("--limits", choices=POLICIES, default="required",
+                   help="required: refuse jobs whose limits cannot be enforced; best-effort: "
+                        "run them unlimited and say so (limits_enforced: false)")
+    p.add_argument("--disk-floor-mb", type=float, default=1024.0,
+                   help="take no work while the work dir's free space is under this, MB")
+    p.add_argument("--kill-grace", type=float, default=5.0,
+                   help="SIGTERM -> SIGKILL delay for timeouts and disk/stall stops, s")
+    p.add_argument("--default-reservation", type=Reservation.parse, default="10:64:0",
+                   metavar="CPU:MB[:DISK]", help="what a job without limits reserves")
+    p.add_argument("--typical-reservation", type=Reservation.parse, default=None,
+                   metavar="CPU:MB[:DISK]",
+                   help="what must still fit to grant a credit (default: --default-reservation)")
+    p.add_argument("--bandwidth-mbps", type=float, default=None,
+                   help="link capacity for the bandwidth utilisation metric, Mbit/s "
+                        "(default: the NIC's speed)")
     p.add_argument("--key", default=None, metavar="FILE",
                    help="this agent's CURVE secret key file (from `ffrtmp keys generate`)")
     p.add_argument("--master-key", default=None, metavar="FILE",
@@ -62,14 +85,20 @@ def run(args: argparse.Namespace) -> int:
         input_root=args.input_root or work_dir / "inputs",
         output_root=args.output_root or work_dir / "outputs", master=args.master, name=args.name,
         slots=args.slots, metrics=None if args.metrics in ("off", "", "none") else args.metrics,
-        default_timeout_s=args.timeout,
+        default_timeout_s=args.timeout, cgroup=args.cgroup, cgroup_parent=args.cgroup_parent,
+        limits=args.limits, disk_floor_mb=args.disk_floor_mb, kill_grace_s=args.kill_grace,
+        default_reservation=args.default_reservation,
+        typical_reservation=args.typical_reservation, bandwidth_mbps=args.bandwidth_mbps,
     )
     cfg.input_root.mkdir(parents=True, exist_ok=True)
     cfg.output_root.mkdir(parents=True, exist_ok=True)
     try:
         agent = Agent(cfg)
-    except NoFFmpeg as e:
+    except (NoFFmpeg, CgroupError) as e:
         raise SystemExit(f"ffrtmp agent: {e}") from e
     agent.install_signals()
-    agent.run()
+    try:
+        agent.run()
+    except MetricsError as e:
+        raise SystemExit(f"ffrtmp agent: {e}") from e
     return 0

@@ -6,6 +6,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent.admission import Reservation
 from bus.security import PeerKeys
 from bus.sockets import DEFAULT_AGENTS
 
@@ -28,4 +29,14 @@ class AgentConfig:
     input_root: Path = Path(".")
     output_root: Path = Path(".")
     stall_s: float = 300.0
+    # Resource enforcement (docs/RESOURCE_LIMITS.md).
+    cgroup: str = "auto"  # auto | v2 | v1 | none
+    cgroup_parent: str | None = None  # default: ffrtmp-<name> under the agent's own cgroup
+    limits: str = "required"  # required | best-effort
+    kill_grace_s: float = 5.0  # SIGTERM -> SIGKILL for timeouts and disk/stall stops
+    disk_floor_mb: float = 1024.0  # no work while the work dir's free space is under this
+    pids_max: int | None = 4096  # per job cgroup (threads count); None: unlimited
+    default_reservation: Reservation = Reservation(10.0, 64.0, 0.0)  # a job without limits
+    typical_reservation: Reservation | None = None  # must fit to grant a credit (default: above)
     keys: PeerKeys | None = None  # CURVE keys (bus/security.py); None: plain TCP
+    bandwidth_mbps: float | None = None  # link capacity for utilisation metrics; None: NIC speed

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent.cgroups import CgroupBackend, NoCgroups, resource_hooks
 from agent.config import AgentConfig
 from agent.ffmpeg.argv import InvalidInput, build_plan
 from agent.ffmpeg.hook import FFmpegHook
 from agent.runner import Hook, ProcessRun
-from agent.workloads import UnsupportedJob, build_argv
+from agent.workloads import UnsupportedJob, build_argv, check_spec
 
 __all__ = ["InvalidInput", "UnsupportedJob", "prepare"]
 
 
 def prepare(spec: dict[str, Any], job_id: int, attempt: int, cfg: AgentConfig,
-            ffmpeg: str | None) -> ProcessRun | None:
-    """Build the run for one attempt; UnsupportedJob -> REJECT, InvalidInput -> failed."""
+            ffmpeg: str | None, cgroups: CgroupBackend | None = None) -> ProcessRun | None:
+    """Build the run for one attempt; UnsupportedJob -> REJECT, InvalidInput -> failed.
+
+    `cgroups` holds the job to its resource_limits (none given: limits cannot be enforced).
+    """
+    check_spec(spec)
     workdir = cfg.work_dir / "jobs" / f"{job_id}-{attempt}"
     timeout = spec.get("timeout_s") or cfg.default_timeout_s
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
@@ -32,4 +37,6 @@ def prepare(spec: dict[str, Any], job_id: int, attempt: int, cfg: AgentConfig,
         if maybe is None:
             return None
         argv = maybe
-    return ProcessRun(argv, workdir, timeout, hooks=hooks)
+    hooks += resource_hooks(spec, job_id, attempt, cgroups or NoCgroups("not configured"),
+                            cfg.limits, cfg.pids_max)
+    return ProcessRun(argv, workdir, timeout, hooks=hooks, kill_grace_s=cfg.kill_grace_s)

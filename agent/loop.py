@@ -13,11 +13,15 @@ from typing import Any
 
 import psutil
 import zmq
+from prometheus_client import CollectorRegistry
 
+from agent.admission import REJECT_REASON, Admission, reservation_for
+from agent.cgroups import CgroupBackend, detect
 from agent.config import AgentConfig
-from agent.runner import ProcessRun, Result
 from agent.ffmpeg.discovery import NoFFmpeg, find_ffmpeg, list_encoders
 from agent.jobs import InvalidInput, UnsupportedJob, prepare
+from agent.metrics import AgentMetrics, serve, stop_serving
+from agent.runner import ProcessRun, Result
 from agent.workloads import WORKLOADS
 from bus.codec import Message, decode, encode
 from bus.errors import ProtocolError
@@ -27,6 +31,9 @@ from bus.sockets import AGENT_MAX_MSG, connect_dealer
 log = logging.getLogger("ffrtmp.agent")
 VERSION = "0.1.0"
 TICK_S = 0.05
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
+_LAST = int(zmq.NOBLOCK)
+_HAVE_PIDFD = hasattr(os, "pidfd_open")  # Linux >= 5.3 with Python >= 3.9
 
 
 @dataclass(eq=False)
@@ -42,8 +49,11 @@ class Attempt:
 class Agent:
     """Connects to the master, runs what it is given within its slots, reports results."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, registry: CollectorRegistry | None = None) -> None:
         self.cfg = cfg
+        self.registry = registry or CollectorRegistry()
+        self.metrics = AgentMetrics(self.registry, self, VERSION, cfg.bandwidth_mbps)
+        self.metrics_server: Any = None
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
         self.running: dict[int, Attempt] = {}
@@ -67,13 +77,25 @@ class Agent:
                 raise
             log.warning("%s: this agent runs synthetic workloads only", e)
         self._next_progress = 0.0
+        # (job id, child pid) -> a pidfd that wakes the loop when that child exits
+        self._pidfds: dict[tuple[int, int | None], int | None] = {}
+        # CgroupError if an explicit --cgroup v1/v2 cannot be used: never silently unlimited.
+        self.cgroups: CgroupBackend = detect(cfg.cgroup, cfg.name, cfg.cgroup_parent)
+        self.admission = Admission(
+            float(len(os.sched_getaffinity(0))) * 100, psutil.virtual_memory().total / 2**20,
+            cfg.disk_floor_mb, cfg.default_reservation, cfg.typical_reservation)
 
     # ---- connection ---------------------------------------------------------------------------
 
     def _send(self, command: str, body: dict[str, Any], now: float) -> None:
         assert self.sock is not None
+        header, cmd, packed = encode(command, body)
         try:
-            self.sock.send_multipart(encode(command, body), zmq.NOBLOCK)
+            # Plain-int flags: send_multipart's per-frame enum arithmetic costs more than the
+            # sends. The first frame decides (EAGAIN); the rest of the message always follows.
+            self.sock.send(header, _MORE)
+            self.sock.send(cmd, _MORE)
+            self.sock.send(packed, _LAST)
             self.last_sent = now
         except zmq.Again:
             log.warning("send queue to master full; dropped %s", command)
@@ -89,6 +111,7 @@ class Agent:
         self.granted = 0
         self.last_recv = now
         self._send("HELLO", self._hello(), now)
+        self.metrics.connected()
 
     def _hello(self) -> dict[str, Any]:
         disk = psutil.disk_usage(str(self.cfg.work_dir))
@@ -103,8 +126,8 @@ class Agent:
             },
             "workloads": list(WORKLOADS),
             "encoders": self.encoders,
-            "cgroup": "none",
-            "limits": "best-effort",
+            "cgroup": self.cgroups.name,
+            "limits": self.cfg.limits,
             "running": [{"id": a.id, "attempt": a.attempt} for a in self.running.values()],
             "results": list(self.unacked.values()),
         }
@@ -123,12 +146,17 @@ class Agent:
     def run(self) -> None:
         """Serve until stopped; on the way out kill children and say BYE."""
         self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        log.info("resource limits: %s, policy %s", self.cgroups.describe(), self.cfg.limits)
+        if (n := self.cgroups.cleanup_leftovers()):
+            log.warning("killed and removed %d job cgroup(s) left by a crashed agent", n)
+        if self.cfg.metrics and self.metrics_server is None:
+            self.metrics_server = serve(self.registry, self.cfg.metrics)  # MetricsError
         self._connect(time.monotonic())
         reconnect_at = 0.0
         try:
             while not self._stop.is_set():
                 assert self.sock is not None
-                if self.sock.poll(int(TICK_S * 1000)):
+                if self._wait():
                     self._drain(time.monotonic())
                 now = time.monotonic()
                 self._reap(now)
@@ -151,6 +179,42 @@ class Agent:
                         self._send("HEARTBEAT", {}, now)
         finally:
             self._shutdown()
+
+    def _wait(self) -> bool:
+        """Wait up to a tick for the master or for a running child to exit; True if the master
+        sent something. A child's exit wakes the loop at once (a pidfd per child), so a finished
+        job is reported and its slot refilled without waiting out the tick: at 0.5 s jobs the
+        tick alone cost ~4 % of the makespan."""
+        assert self.sock is not None
+        fds = self._child_fds()
+        if not fds:
+            return bool(self.sock.poll(int(TICK_S * 1000)))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        for fd in fds:
+            poller.register(fd, zmq.POLLIN)
+        return any(item is self.sock for item, _ in poller.poll(int(TICK_S * 1000)))
+
+    def _child_fds(self) -> list[int]:
+        """Open pidfds of the running children (kept until the child leaves `running`)."""
+        for key in [k for k in self._pidfds if self._child_pid(k[0]) != k[1]]:
+            fd = self._pidfds.pop(key)
+            if fd is not None:
+                os.close(fd)
+        if not _HAVE_PIDFD:
+            return []
+        for job_id, att in self.running.items():
+            key = (job_id, att.run.pid)
+            if key[1] is not None and key not in self._pidfds:
+                try:
+                    self._pidfds[key] = os.pidfd_open(key[1])
+                except OSError:  # already reaped, or no pidfd in this kernel: the tick it is
+                    self._pidfds[key] = None
+        return [fd for fd in self._pidfds.values() if fd is not None]
+
+    def _child_pid(self, job_id: int) -> int | None:
+        att = self.running.get(job_id)
+        return att.run.pid if att is not None else None
 
     def _drain(self, now: float) -> None:
         assert self.sock is not None
@@ -175,6 +239,12 @@ class Agent:
     def _handle(self, msg: Message, now: float) -> None:
         cmd = msg.command
         if cmd == "WELCOME":
+            # NaN or absurd timing would silence our heartbeat or liveness check for good.
+            hb_ok = 0.01 <= msg["heartbeat_s"] <= 3600  # False for NaN too
+            if not (hb_ok and 1 <= msg["liveness"] <= 1000):
+                key = "liveness: 1 to 1000" if hb_ok else "heartbeat_s: 0.01 to 3600 s"
+                self._send("ERROR", {"code": "bad_body", "text": f"WELCOME.{key}"}, now)
+                return
             self.registered = True
             self.granted = 0
             self.backoff = 0.1
@@ -186,10 +256,12 @@ class Agent:
         elif cmd == "CANCEL":
             att = self.running.get(msg["id"])
             if att is not None and att.attempt == msg["attempt"]:
-                att.run.stop(now, float(msg["grace_s"]))
+                why = "timeout" if msg["reason"] == "timeout" else "cancel"  # master backstop
+                att.run.stop(now, float(msg["grace_s"]), why)
         elif cmd == "DONE_ACK":
             for pair in msg["acks"]:
-                if isinstance(pair, list) and len(pair) == 2:
+                if isinstance(pair, list) and len(pair) == 2 \
+                        and all(isinstance(x, int) for x in pair):  # lists would not hash
                     self.unacked.pop((pair[0], pair[1]), None)
         elif cmd == "DRAIN":
             self.draining = bool(msg["on"])
@@ -208,7 +280,7 @@ class Agent:
             self._send("REJECT", {"id": job_id, "attempt": attempt, "reason": "draining"}, now)
             return
         try:
-            run = prepare(spec, job_id, attempt, self.cfg, self.ffmpeg)
+            run = prepare(spec, job_id, attempt, self.cfg, self.ffmpeg, self.cgroups)
         except UnsupportedJob as e:
             self._send("REJECT", {"id": job_id, "attempt": attempt, "reason": str(e)}, now)
             return
@@ -219,9 +291,17 @@ class Agent:
         if run is None:
             self._finish(job_id, attempt, Result("completed", None, 0, 0.0), now)
             return
+        self._observe_disk()
+        if not self.admission.admit(job_id, reservation_for(spec, self.cfg.default_reservation),
+                                    now):
+            # Not started and killed: refused before start, and no credit until a job ends.
+            self._send("REJECT", {"id": job_id, "attempt": attempt, "reason": REJECT_REASON},
+                       now)
+            return
         try:
             run.start(now)
         except OSError as e:
+            self.admission.release(job_id)
             run.cleanup()
             self._finish(job_id, attempt, Result("failed", "exit_code", None, 0.0,
                                                  {"error": f"cannot start: {e}"}), now)
@@ -234,8 +314,10 @@ class Agent:
             result = att.run.poll(now)
             if result is not None:
                 del self.running[att.id]
+                self.admission.release(att.id)
                 att.run.cleanup()
                 self._finish(att.id, att.attempt, result, now)
+        self.cgroups.sweep()  # job cgroups whose last processes were still exiting
 
     def _report_progress(self, now: float) -> None:
         """PROGRESS for each running attempt whose figures changed (at most every interval)."""
@@ -253,11 +335,23 @@ class Agent:
                 "extra": result.extra}
         self.unacked[(job_id, attempt)] = body
         self.completed += 1
+        self.metrics.finished(result.status, result.reason, result.duration_s,
+                              result.bytes_in, result.bytes_out)
         if self.sock is not None:
             self._send("DONE", body, now)
 
+    def _observe_disk(self) -> None:
+        try:
+            self.admission.observe_disk(psutil.disk_usage(str(self.cfg.work_dir)).free / 2**20)
+        except OSError as e:
+            log.warning("cannot read free space of %s: %s", self.cfg.work_dir, e)
+            self.admission.observe_disk(0.0)  # refuse work rather than fill an unknown disk
+
     def _top_up(self, now: float) -> None:
         free = self.cfg.slots - len(self.running) - self.granted
+        if free > 0 and not self.draining:
+            self._observe_disk()
+            free = self.admission.credits(free, self.granted, now)  # only work that fits
         if free > 0 and not self.draining:
             self.granted += free
             self._send("CREDIT", {"n": free}, now)
@@ -265,10 +359,18 @@ class Agent:
     def _shutdown(self) -> None:
         for att in self.running.values():
             att.run.kill_now()
+            try:
+                att.run.poll(time.monotonic())  # its hooks clean up: job cgroup killed, removed
+            except Exception:  # a failing hook must not keep the others from cleaning up
+                log.exception("cleanup of job %s failed", att.id)
             att.run.cleanup()
         self.running.clear()
+        self._child_fds()  # closes the pidfds of what just ended
+        self.cgroups.close()
         if self.sock is not None:
             self._send("BYE", {}, time.monotonic())
             self.sock.close(linger=200)
             self.sock = None
         self.ctx.term()
+        stop_serving(self.metrics_server)
+        self.metrics_server = None

@@ -71,13 +71,15 @@ class ProcessRun:
 
     def __init__(self, argv: list[str], workdir: Path, timeout_s: float | None,
                  env: dict[str, str] | None = None, hooks: list[Hook] | None = None,
-                 stdout_pipe: bool = False) -> None:
+                 stdout_pipe: bool = False, kill_grace_s: float = 5.0) -> None:
         self.argv = argv
+        self.exited = False  # set once the child has exited, before hooks take a last look
         self.hooks = hooks or []
         self.stdout_pipe = stdout_pipe
         self.workdir = workdir
         self.timeout_s = timeout_s
         self.env = env
+        self.kill_grace_s = kill_grace_s  # SIGTERM -> SIGKILL delay for timeouts and hook stops
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self._stop_reason: str | None = None  # "cancel" or "timeout"
@@ -102,20 +104,27 @@ class ProcessRun:
                 fn()
 
         stdout = subprocess.PIPE if self.stdout_pipe else subprocess.DEVNULL
-        with open(self.workdir / "stderr.log", "wb") as err:
-            self.proc = subprocess.Popen(
-                self.argv, cwd=self.workdir, stdin=subprocess.DEVNULL,
-                stdout=stdout, stderr=err, start_new_session=True,
-                preexec_fn=child_setup, env=self.env, close_fds=True,
-            )
+        try:
+            with open(self.workdir / "stderr.log", "wb") as err:
+                self.proc = subprocess.Popen(
+                    self.argv, cwd=self.workdir, stdin=subprocess.DEVNULL,
+                    stdout=stdout, stderr=err, start_new_session=True,
+                    preexec_fn=child_setup, env=self.env, close_fds=True,
+                )
+        except (OSError, subprocess.SubprocessError) as e:  # incl. an in_child failure
+            failed = Result("failed", "exit_code", None, 0.0)
+            for hook in self.hooks:  # let them undo before_spawn (remove the cgroup)
+                with contextlib.suppress(Exception):
+                    hook.after_exit(self, failed)
+            raise OSError(f"cannot start {self.argv[0]}: {e}") from e
         if self.proc.stdout is not None:
             os.set_blocking(self.proc.stdout.fileno(), False)
         self.started = now
 
     def stop(self, now: float, grace_s: float, why: str = "cancel") -> None:
         """SIGTERM the process group now and SIGKILL it after grace_s (idempotent)."""
-        if self.proc is None or self.proc.returncode is not None:
-            return
+        if self.proc is None or self.proc.poll() is not None:
+            return  # it already ended on its own: that result stands (a cancel lost the race)
         if self._stop_reason is None:
             self._stop_reason = why
         self._signal(signal.SIGTERM)
@@ -135,24 +144,34 @@ class ProcessRun:
             self._forced = True
             self._signal(signal.SIGKILL)
 
+    def _exited(self) -> bool:
+        """True once the child has exited; it is left a zombie (not reaped) for a last look."""
+        assert self.proc is not None
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return True
+        return info is not None
+
     def poll(self, now: float) -> Result | None:
         """Advance timers; the Result once the child has exited, else None."""
         assert self.proc is not None
-        code = self.proc.poll()
-        if code is None:
+        if self.proc.returncode is None and not self._exited():
             for hook in self.hooks:
                 why = hook.poll(self, now)
                 if why is not None and self._stop_reason is None:
-                    self.stop(now, grace_s=5.0, why=why)
+                    self.stop(now, grace_s=self.kill_grace_s, why=why)
             if (self.timeout_s is not None and self._stop_reason is None
                     and now - self.started >= self.timeout_s):
-                self.stop(now, grace_s=5.0, why="timeout")
+                self.stop(now, grace_s=self.kill_grace_s, why="timeout")
             if self._kill_at is not None and now >= self._kill_at:
                 self._force()
             return None
-        self._signal(signal.SIGKILL)  # whatever is left of its process group goes too
+        self.exited = True
         for hook in self.hooks:
-            hook.poll(self, now)  # a last look (final progress, byte counts)
+            hook.poll(self, now)  # a last look at the zombie: final progress, byte counts
+        code = self.proc.wait()  # reap only now, so /proc/<pid> stayed readable until here
+        self._signal(signal.SIGKILL)  # whatever is left of its process group goes too
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         result = self._result(code, now)

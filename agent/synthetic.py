@@ -1,4 +1,4 @@
-"""Synthetic process workloads (sleep, burn, hog) run as real children: `python -m agent.synthetic`."""
+"""Synthetic process workloads (sleep, burn, hog), run as real children by the agent."""
 
 from __future__ import annotations
 

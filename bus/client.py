@@ -20,8 +20,8 @@ class Client:
     """A connection to the master's client endpoint; every call waits at most `timeout` s."""
 
     def __init__(
-        self, endpoint: str = DEFAULT_CLIENTS, timeout: float = 10.0, ctx: zmq.Context | None = None,
-        keys: PeerKeys | None = None,
+        self, endpoint: str = DEFAULT_CLIENTS, timeout: float = 10.0,
+        ctx: zmq.Context | None = None, keys: PeerKeys | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.keys = keys

@@ -55,19 +55,31 @@ def decode(
         raise ProtocolError(
             "bad_version", f"major version {header[3]} not supported (speak {PROTOCOL_VERSION[0]})"
         )
-    if not 0 < len(raw_command) <= MAX_COMMAND_LEN:
-        raise ProtocolError("bad_command", "command must be 1-16 bytes")
     try:
-        command = raw_command.decode("ascii")
-    except UnicodeDecodeError as e:
-        raise ProtocolError("bad_command", "command is not ASCII") from e
-    schema = schemas.get(command)
-    if schema is None:
-        raise ProtocolError("bad_command", f"unknown command {command!r}")
+        command = _command(raw_command, schemas)
+    except ProtocolError as e:  # a 1.x body all the same: echo its rid where it can be read
+        if len(raw_body) <= max_body:
+            try:
+                e.rid = _unpack(raw_body).get("rid")
+            except ProtocolError:
+                pass
+        raise
     if len(raw_body) > max_body:
         raise ProtocolError("too_large", f"body of {len(raw_body)} bytes exceeds {max_body}")
     body = _unpack(raw_body)
-    return Message(command, validate(body, schema, command))
+    return Message(command, validate(body, schema=schemas[command], command=command))
+
+
+def _command(raw: bytes, schemas: dict[str, Schema]) -> str:
+    if not 0 < len(raw) <= MAX_COMMAND_LEN:
+        raise ProtocolError("bad_command", "command must be 1-16 bytes")
+    try:
+        command = raw.decode("ascii")
+    except UnicodeDecodeError as e:
+        raise ProtocolError("bad_command", "command is not ASCII") from e
+    if command not in schemas:
+        raise ProtocolError("bad_command", f"unknown command {command!r}")
+    return command
 
 
 def _unpack(raw: bytes) -> dict[str, Any]:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from agent import cli as agent_cli
+from bench import cli as bench_cli
 from bus.client import Client
 from bus.errors import ClientError
-from bus.sockets import DEFAULT_CLIENTS, DEFAULT_EVENTS
 from bus.security import KeyMaterialError, load_peer
-from ffrtmp import client_cli, demo, keys
+from bus.sockets import DEFAULT_CLIENTS, DEFAULT_EVENTS
+from ffrtmp import client_cli, demo, keys, logs
 from master import cli as master_cli
 from storage import StorageError
+from storage import cli as db_cli
+from tui import cli as tui_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,20 +35,31 @@ def build_parser() -> argparse.ArgumentParser:
                         default=os.environ.get("FFRTMP_MASTER_KEY"),
                         help="the master's public key file (FFRTMP_MASTER_KEY)")
     parser.add_argument("--log-level", default=os.environ.get("FFRTMP_LOG", "info"))
+    parser.add_argument("--log-format", choices=logs.FORMATS,
+                        default=os.environ.get("FFRTMP_LOG_FORMAT", "text"),
+                        help="text, or json: one object per line (FFRTMP_LOG_FORMAT)")
+    parser.add_argument("--log-file", default=None, metavar="PATH",
+                        help="append logs here instead of stderr (reopened after logrotate)")
     sub = parser.add_subparsers(dest="command", required=True)
     master_cli.add_parser(sub)
     agent_cli.add_parser(sub)
     client_cli.add_parsers(sub)
     demo.add_parser(sub)
+    bench_cli.add_parser(sub)
     keys.add_parser(sub)
+    db_cli.add_parser(sub)
+    tui_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; a one-line error on stderr and a non-zero status on failure."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logs.setup(args.log_level, args.log_format, args.log_file)
+    except (ValueError, OSError) as e:
+        print(f"ffrtmp: logging: {e}", file=sys.stderr)
+        return 2
     try:
         if getattr(args, "client", False):
             endpoint = args.master_ep or os.environ.get("FFRTMP_MASTER") or DEFAULT_CLIENTS

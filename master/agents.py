@@ -22,10 +22,30 @@ class AgentConn:
     jobs: set[int] = field(default_factory=set)
     acks: list[list[int]] = field(default_factory=list)
     first_seen_wall: float = 0.0
+    verdicts: dict[str, bool] = field(default_factory=dict)  # can_run cache (caps are fixed)
 
     def can_run(self, requirement: str) -> bool:
-        """True if this agent advertises the capability a job requires."""
-        return requirement in self.caps
+        """True if this agent has every '+'-joined capability of a requirement.
+
+        `cpu>=PCT` and `mem>=MB` are floors on the advertised resources (cpus x 100, memory_mb);
+        every other part must be advertised as is (`workload:sleep`, `encoder:libx264`, `limits`).
+        """
+        verdict = self.verdicts.get(requirement)
+        if verdict is None:
+            verdict = all(self._has(cap) for cap in requirement.split("+"))
+            self.verdicts[requirement] = verdict
+        return verdict
+
+    def _has(self, cap: str) -> bool:
+        if ">=" not in cap:
+            return cap in self.caps
+        key, _, value = cap.partition(">=")
+        res = self.info.get("resources") or {}
+        have = {"cpu": float(res.get("cpus") or 0) * 100, "mem": res.get("memory_mb") or 0}
+        try:
+            return key in have and float(have[key]) >= float(value)
+        except (TypeError, ValueError):
+            return False
 
     def node_view(self, now: float) -> dict[str, Any]:
         """The NODES shape of docs/protocol.md."""

@@ -6,13 +6,13 @@ import argparse
 import logging
 import os
 
-from bus.sockets import DEFAULT_AGENTS, DEFAULT_CLIENTS, DEFAULT_EVENTS
-from master.config import MasterConfig
 from bus.scenarios import ScenarioError
 from bus.security import KeyMaterialError
-from bus.sockets import BindError
+from bus.sockets import DEFAULT_AGENTS, DEFAULT_CLIENTS, DEFAULT_EVENTS, BindError
+from master.config import MasterConfig
 from master.scenarios import load_presets, make_checks
 from master.server import Master
+from master.sla import SlaPolicy
 from storage import default_db_url
 
 log = logging.getLogger("ffrtmp.master")
@@ -40,8 +40,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keys", default=None, metavar="DIR",
                    help="CURVE key directory from `ffrtmp keys generate` (encrypt and "
                         "authenticate agents and clients)")
+    p.add_argument("--timeout-margin", type=float, default=20.0,
+                   help="backstop: CANCEL a job this long past its timeout_s, end it as "
+                        "timed_out one margin later, s")
     p.add_argument("--insecure", action="store_true",
                    help="allow binding non-loopback addresses without CURVE")
+    p.add_argument("--sla-done-s", type=float, default=600.0,
+                   help="SLA: a job should complete this long after its submission, s")
+    p.add_argument("--sla-wait-s", type=float, default=30.0,
+                   help="SLA: a job should wait in the queue at most this long, s")
+    p.add_argument("--sla-target", type=float, default=0.95,
+                   help="SLA: fraction of jobs that should meet it (alerted on below)")
+    p.add_argument("--retention-days", type=float, default=7.0,
+                   help="delete terminal jobs finished longer ago than this (0: keep all)")
+    p.add_argument("--retention-interval", type=float, default=60.0,
+                   help="how often retention looks for old jobs, s")
+    p.add_argument("--maintenance-interval", type=float, default=3600.0,
+                   help="online database upkeep (optimize / ANALYZE) every this many s (0: off)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +69,17 @@ def run(args: argparse.Namespace) -> int:
         insecure=args.insecure, keys_dir=args.keys, heartbeat_s=args.heartbeat,
         liveness=args.liveness,
         aging_s=args.aging, recovery_grace_s=args.recovery_grace, retry_base_s=args.retry_base,
+        timeout_margin_s=args.timeout_margin,
+        sla_done_s=args.sla_done_s, sla_wait_s=args.sla_wait_s, sla_target=args.sla_target,
+        retention_days=args.retention_days, retention_interval_s=args.retention_interval,
+        maintenance_interval_s=args.maintenance_interval,
     )
+    try:
+        SlaPolicy(cfg.sla_done_s, cfg.sla_wait_s, cfg.sla_target)
+    except ValueError as e:
+        raise SystemExit(f"ffrtmp master: {e}") from e
+    if cfg.retention_days < 0 or cfg.retention_interval_s <= 0:
+        raise SystemExit("ffrtmp master: --retention-days >= 0 and --retention-interval > 0")
     try:
         scenarios = make_checks(load_presets(args.scenarios))
     except ScenarioError as e:

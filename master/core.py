@@ -14,9 +14,12 @@ from typing import Any
 
 import msgpack
 
-from bus.codec import Message, encode
+from bus.codec import Message, encode, validate
+from bus.errors import ProtocolError
+from bus.schemas import AGENT_TO_MASTER
 from master import state as sm
 from master.agents import AgentConn
+from master.backstop import GIVE_UP, Backstop
 from master.config import MasterConfig
 from master.metrics import MasterMetrics
 from master.scheduler import Job, Scheduler
@@ -34,6 +37,12 @@ DONE_EVENTS = {
     "cancelled": sm.CANCEL_DONE,
 }
 Outgoing = tuple[str, bytes, list[bytes]]
+
+
+def stored_extra(job: Job) -> dict[str, Any]:
+    """The job's `extra` column: its live figures plus the placement requirement (which a
+    restarted master reads back), so no write of figures loses it."""
+    return {**job.extra, "requires": job.requires}
 
 
 class MasterCore:
@@ -58,6 +67,7 @@ class MasterCore:
         self.orphan_deadline = 0.0
         self.dispatched_total = 0
         self.finished_total = 0
+        self.backstop = Backstop(cfg.timeout_margin_s)
 
     # ---- output helpers -------------------------------------------------------------------
 
@@ -88,8 +98,12 @@ class MasterCore:
                 state=row["state"], priority=row["priority"], attempt=row["attempt"],
                 max_attempts=row["max_attempts"], rejects=row.get("rejects") or 0,
                 requires=(row.get("extra") or {}).get("requires", f"workload:{row['scenario']}"),
+                extra={k: v for k, v in (row.get("extra") or {}).items() if k != "requires"},
                 agent=row.get("agent"), progress=row.get("progress") or 0.0,
                 bytes_in=row.get("bytes_in") or 0, bytes_out=row.get("bytes_out") or 0,
+                created_at=row.get("created_at") or 0.0,
+                first_wait_s=(row["started_at"] - row["created_at"]
+                              if row.get("started_at") and row.get("created_at") else None),
             )
             self.jobs[job.id] = job
             if job.state == sm.QUEUED:
@@ -108,10 +122,14 @@ class MasterCore:
         out = sm.transition(sm.Core(job.state, job.attempt, job.max_attempts, job.rejects),
                             event, reason)
         job.state, job.attempt, job.rejects = out.core.state, out.core.attempt, out.core.rejects
+        if job.state not in sm.LIVE:
+            self.backstop.forget(job.id)
         upd: dict[str, Any] = {"state": job.state, "attempt": job.attempt, "updated_at": wall,
                                **fields}
         if event == sm.REJECT:
             upd["rejects"] = job.rejects
+        elif event == sm.ASSIGN:
+            self.metrics.job_assigned(job, now, wall)
         if reason is not None or event in (sm.ASSIGN, sm.ACCEPT):
             upd["reason"] = reason
         if before in sm.LIVE and job.state not in sm.LIVE and agent is not None:
@@ -126,7 +144,7 @@ class MasterCore:
                                      self.cfg.retry_cap_s)
                 upd["not_before"] = wall + delay
                 self.sched.push_delayed(job, now + delay)
-                self.metrics.retries.inc()
+                self.metrics.job_retried(reason)
             else:
                 self.sched.push(job, now, front=True)
         elif job.state in sm.TERMINAL:
@@ -137,7 +155,9 @@ class MasterCore:
             self.jobs.pop(job.id, None)
             self.dirty_progress.discard(job.id)
             self.finished_total += 1
-            self.metrics.finished.labels(job.state).inc()
+            verdict = self.metrics.job_finished(job, reason, wall)
+            if verdict:  # the SLA verdict joins the job's per-job figures
+                upd["extra"] = {**upd.get("extra", stored_extra(job)), **verdict}
         self.batch.update(job.id, **upd)
         self.batch.event(job_id=job.id, at=wall, from_state=before, to_state=job.state,
                          reason=reason, agent=job.agent or agent, attempt=job.attempt)
@@ -163,9 +183,12 @@ class MasterCore:
         cmd = msg.command
         if cmd == "CREDIT":
             if msg["n"] <= 0 or conn.credit + msg["n"] > 100_000:
-                self.send(AGENT, ident, "ERROR", {"code": "bad_body", "text": "CREDIT.n out of range"})
+                self.send(AGENT, ident, "ERROR",
+                          {"code": "bad_body", "text": "CREDIT.n out of range"})
                 return
             conn.credit += msg["n"]
+        elif cmd in ("DONE", "PROGRESS", "REJECT") and (bad := _unstorable(msg.body)):
+            self.send(AGENT, ident, "ERROR", {"code": "bad_body", "text": f"{cmd}.{bad}"})
         elif cmd == "DONE":
             self._done(conn, msg.body, now, wall)
         elif cmd in ("ACCEPT", "PROGRESS", "REJECT"):
@@ -176,6 +199,7 @@ class MasterCore:
             elif cmd == "ACCEPT":
                 if job.state == sm.ASSIGNED:
                     self.transition(job, sm.ACCEPT, now, wall, started_at=wall)
+                    self.backstop.started(job.id, job.attempt, now)
             elif cmd == "REJECT":
                 self.transition(job, sm.REJECT, now, wall, reason=msg["reason"])
             else:
@@ -216,10 +240,16 @@ class MasterCore:
                 log.warning("agent %s sent DONE with status %r", conn.name, body["status"])
             return
         reason = body.get("reason")
+        if event == sm.CANCEL_DONE and job.state != sm.CANCELLING \
+                and self.backstop.cancelled(job.id, job.attempt):
+            event, reason = sm.TIME_OUT, "timeout"  # our backstop stopped it, not a client
         if event == sm.COMPLETE:
             job.progress = 1.0
         job.bytes_in, job.bytes_out = body["bytes_in"], body["bytes_out"]
-        extra = {**job.extra, **(body.get("extra") or {}), "duration_s": body["duration_s"]}
+        extra = {**stored_extra(job), **(body.get("extra") or {}),
+                 "duration_s": body["duration_s"]}
+        self.metrics.job_done(job, body["status"], reason, body["duration_s"], job.bytes_in,
+                              job.bytes_out, conn.name)
         self.transition(job, event, now, wall, reason=reason, exit_code=body.get("exit_code"),
                         bytes_in=job.bytes_in, bytes_out=job.bytes_out, extra=extra)
 
@@ -236,7 +266,10 @@ class MasterCore:
             self.agents.pop(old.ident, None)
         workloads, encoders = msg["workloads"], msg["encoders"]
         caps = frozenset([f"workload:{w}" for w in workloads if isinstance(w, str)]
-                         + [f"encoder:{e}" for e in encoders if isinstance(e, str)])
+                         + [f"encoder:{e}" for e in encoders if isinstance(e, str)]
+                         # it holds jobs to their limits (cgroups), or runs them and says not
+                         + (["limits"] if msg["cgroup"] != "none"
+                            or msg["limits"] == "best-effort" else []))
         info = {k: msg[k] for k in ("version", "resources", "workloads", "encoders",
                                     "cgroup", "limits")}
         conn = AgentConn(ident=ident, name=name, slots=max(0, msg["slots"]), caps=caps,
@@ -251,12 +284,21 @@ class MasterCore:
                                              "liveness": self.cfg.liveness, "master": "ffrtmp"})
         if conn.draining:
             self.send(AGENT, ident, "DRAIN", {"on": True})
-        for result in msg["results"]:
-            if isinstance(result, dict) and isinstance(result.get("id"), int) \
-                    and isinstance(result.get("attempt"), int):
-                self._done(conn, {"status": "failed", "bytes_in": 0, "bytes_out": 0,
-                                  "duration_s": 0.0, **result}, now, wall)
-        still = {(r.get("id"), r.get("attempt")) for r in msg["running"] if isinstance(r, dict)}
+        for result in msg["results"]:  # DONE bodies, so checked as DONE is (HELLO's schema can't)
+            if not isinstance(result, dict):
+                continue
+            try:
+                done = validate({"status": "failed", **result}, AGENT_TO_MASTER["DONE"], "DONE")
+                if bad := _unstorable(done):
+                    raise ProtocolError("bad_body", f"DONE.{bad}")
+            except ProtocolError as e:
+                self.send(AGENT, ident, "ERROR",
+                          {"code": e.code, "text": f"HELLO.results: {e.text}"})
+                continue
+            self._done(conn, done, now, wall)
+        still = {(r.get("id"), r.get("attempt")) for r in msg["running"]
+                 if isinstance(r, dict) and isinstance(r.get("id"), int)
+                 and isinstance(r.get("attempt"), int)}
         for job in [j for j in self.jobs.values() if j.agent == name and j.state in sm.LIVE]:
             if (job.id, job.attempt) in still:
                 conn.jobs.add(job.id)
@@ -303,8 +345,30 @@ class MasterCore:
 
     # ---- timers and dispatch ----------------------------------------------------------------
 
+    def _enforce_backstop(self, now: float, wall: float) -> None:
+        """Jobs far past their timeout_s on a live agent: CANCEL them, then end them ourselves."""
+        for job_id, attempt, stage in self.backstop.expired(now):
+            job = self.jobs.get(job_id)
+            if job is None or job.attempt != attempt or job.state not in sm.LIVE:
+                continue
+            conn = self.by_name.get(job.agent or "")
+            log.warning("job %d attempt %d is past its timeout_s + %.0fs: %s", job_id, attempt,
+                        self.backstop.margin_s, "timed out" if stage == GIVE_UP else "cancelling")
+            if stage != GIVE_UP:
+                if conn is not None:
+                    self.send(AGENT, conn.ident, "CANCEL", {
+                        "id": job_id, "attempt": attempt, "grace_s": 0.0, "reason": "timeout"})
+                continue
+            if job.state == sm.CANCELLING:
+                self.transition(job, sm.CANCEL_DONE, now, wall, reason="cancelled_forced")
+            else:
+                self.transition(job, sm.TIME_OUT, now, wall, reason="timeout")
+            if conn is not None:
+                self._fence(conn, job_id, attempt)
+
     def tick(self, now: float, wall: float) -> None:
         """Liveness, heartbeats, retry promotion, orphan expiry and progress flushing."""
+        self._enforce_backstop(now, wall)
         for conn in list(self.agents.values()):
             if now - conn.last_seen > self.cfg.dead_after_s:
                 log.warning("agent %s silent for %.1fs: lost", conn.name, now - conn.last_seen)
@@ -315,8 +379,7 @@ class MasterCore:
         if self.orphan_deadline and now >= self.orphan_deadline:
             self.orphan_deadline = 0.0
             for job in [j for j in self.jobs.values() if j.state in sm.LIVE]:
-                conn = self.by_name.get(job.agent or "")
-                if conn is None:
+                if self.by_name.get(job.agent or "") is None:
                     self.transition(job, sm.LOST, now, wall, reason="agent_lost")
         self.sched.promote(now)
 
@@ -326,7 +389,7 @@ class MasterCore:
             job = self.jobs.get(job_id)
             if job is not None:
                 self.batch.update(job_id, progress=job.progress, bytes_in=job.bytes_in,
-                                  bytes_out=job.bytes_out, extra=dict(job.extra),
+                                  bytes_out=job.bytes_out, extra=stored_extra(job),
                                   updated_at=wall)
         self.dirty_progress.clear()
 
@@ -345,8 +408,11 @@ class MasterCore:
                 conn.jobs.add(job.id)
                 conn.credit -= 1
                 conn.last_sent = now
+                spec = msgpack.unpackb(job.spec)
                 self.send(AGENT, conn.ident, "JOB", {"id": job.id, "attempt": job.attempt,
-                                                     "spec": msgpack.unpackb(job.spec)})
+                                                     "spec": spec})
+                if spec.get("timeout_s"):
+                    self.backstop.arm(job.id, job.attempt, float(spec["timeout_s"]), now)
                 sent += 1
                 if conn.credit > 0:
                     nxt.append(conn)
@@ -362,6 +428,20 @@ class MasterCore:
             if conn.acks:
                 self.send(AGENT, conn.ident, "DONE_ACK", {"acks": conn.acks})
                 conn.acks = []
+
+
+def _unstorable(body: dict[str, Any]) -> str | None:
+    """The first agent-reported value of a DONE/PROGRESS/REJECT the store cannot hold, with
+    what it must be; None if all fit. One such value would fail (and wedge) every commit."""
+    for key in ("bytes_in", "bytes_out"):
+        value = body.get(key, 0)
+        if not isinstance(value, int) or not 0 <= value < 2**63:
+            return f"{key} must be 0 to 2^63-1"
+    code = body.get("exit_code")
+    if code is not None and not -(2**31) <= code < 2**31:
+        return "exit_code must be a 32-bit integer"
+    bad = next((k for k in ("reason", "extra") if not _storable(body.get(k))), None)
+    return f"{bad} must be storable (JSON, no NUL)" if bad else None
 
 
 def _storable(value: Any) -> bool:

@@ -13,7 +13,7 @@ from master.core import CLIENT, MasterCore
 from master.scheduler import Job
 from master.spec import ScenarioCheck, SpecError, validate_spec
 from master.views import event_view, job_view
-from storage import Store, StorageError
+from storage import StorageError, Store
 
 MAX_SPECS = 10_000
 MAX_IDS = 10_000
@@ -89,7 +89,8 @@ class Requests:
         core.next_id += 1
         job = Job(id=job_id, scenario=spec["scenario"], spec=msgpack.packb(spec),
                   state=sm.QUEUED, priority=priority, attempt=0,
-                  max_attempts=spec["max_attempts"], requires=requires)
+                  max_attempts=spec["max_attempts"], requires=requires, created_at=wall,
+                  extra={"retry_of": retry_of} if retry_of else {})
         core.jobs[job_id] = job
         core.sched.push(job, now)
         core.batch.inserts.append({

@@ -35,6 +35,8 @@ class Job:
     where: int = 0  # 0 not queued, 1 in a ready queue, 2 waiting out a retry delay
     enqueued: float = 0.0  # monotonic time the job entered its queue
     cancel_grace: float = 30.0
+    created_at: float = 0.0  # epoch s of the submission (SLA)
+    first_wait_s: float | None = None  # submission to first assignment, s (SLA)
 
 
 class Scheduler:

@@ -7,7 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from master.scheduler import PRIORITIES
+
+MAX_SPEC_BYTES = 64 * 1024
 
 
 class SpecError(ValueError):
@@ -74,6 +78,9 @@ def validate_spec(raw: Any, scenarios: dict[str, ScenarioCheck] | None = None) -
     """Check one submitted spec; raises SpecError naming the first bad field."""
     if not isinstance(raw, dict):
         raise SpecError(f"spec must be a map, got {type(raw).__name__}")
+    size = len(msgpack.packb(raw))
+    if size > MAX_SPEC_BYTES:  # a JOB must stay far below the agents' 1 MiB message cap
+        raise SpecError(f"spec is {size} bytes packed; at most {MAX_SPEC_BYTES}")
     unknown = sorted(k for k in raw if k not in TOP_KEYS)
     if unknown:
         raise SpecError(f"{unknown[0]}: unknown field (allowed: {', '.join(sorted(TOP_KEYS))})")
@@ -83,7 +90,8 @@ def validate_spec(raw: Any, scenarios: dict[str, ScenarioCheck] | None = None) -
     checks: dict[str, ScenarioCheck] = {w: _check_workload for w in WORKLOADS}
     checks.update(scenarios or {})
     if scenario not in checks:
-        raise SpecError(f"scenario: unknown scenario {scenario!r} (known: {', '.join(sorted(checks))})")
+        known = ", ".join(sorted(checks))
+        raise SpecError(f"scenario: unknown scenario {scenario!r} (known: {known})")
     priority = raw.get("priority", "normal")
     if priority not in PRIORITIES:
         raise SpecError("priority: must be one of high, normal, low")
@@ -117,5 +125,20 @@ def validate_spec(raw: Any, scenarios: dict[str, ScenarioCheck] | None = None) -
         "max_attempts": max_attempts,
         "resource_limits": dict(limits),
     }
-    requires = checks[scenario](spec)
+    requires = checks[scenario](spec) + limit_requirements(spec["resource_limits"])
     return Validated(spec, PRIORITIES[priority], requires)
+
+
+def limit_requirements(limits: dict[str, Any]) -> str:
+    """What resource_limits add to a requirement ('+'-joined capabilities, docs/protocol.md).
+
+    `limits`: an agent that holds them (cgroups, or `--limits best-effort`); `cpu>=PCT` and
+    `mem>=MB`: floors on the agent's advertised size, so a job never goes where it cannot fit.
+    """
+    cpu, mem = limits.get("max_cpu_percent"), limits.get("max_memory_mb")
+    parts = ["limits"] if cpu is not None or mem is not None else []
+    if cpu is not None:
+        parts.append(f"cpu>={cpu}")
+    if mem is not None:
+        parts.append(f"mem>={mem}")
+    return "".join("+" + p for p in parts)

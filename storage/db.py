@@ -12,6 +12,9 @@ import peewee
 from storage.errors import StorageError
 
 SQLITE_PRAGMAS: dict[str, object] = {
+    # First: it only takes on a new file. Lets scheduled upkeep shrink the file online
+    # (storage.maintenance); older files switch with `ffrtmp db vacuum`.
+    "auto_vacuum": "incremental",
     "journal_mode": "wal",
     "synchronous": "normal",
     "busy_timeout": 5000,

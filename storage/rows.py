@@ -84,7 +84,8 @@ def job_update_groups(
 
 
 def event_params(batch: WriteBatch) -> list[Params]:
-    """A creation event per insert ('submitted' unless the row names a reason), then the batch's events, in EVENT_COLUMNS order."""
+    """A creation event per insert ('submitted' unless the row names a reason), then the
+    batch's events, in EVENT_COLUMNS order."""
     out: list[Params] = [
         (r["id"], r["created_at"], None, r["state"], r.get("reason") or "submitted", None,
          r.get("attempt", 0))

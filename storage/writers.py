@@ -62,8 +62,9 @@ class SqliteWriter:
 
     def update_jobs(self, cur: Any, cols: tuple[str, ...], rows: Sequence[Params]) -> None:
         """Set cols on each (id, *values) row; ids that do not exist are skipped."""
-        sets = ", ".join(f"{c} = ?{i}" for i, c in enumerate(cols, start=2))
-        cur.executemany(f"UPDATE jobs SET {sets} WHERE id = ?1", rows)
+        sets = ", ".join(f"{c} = ?" for c in cols)
+        # Plain '?' marks (numbered ones with a sequence are deprecated from Python 3.12 on).
+        cur.executemany(f"UPDATE jobs SET {sets} WHERE id = ?", [(*r[1:], r[0]) for r in rows])
 
     def insert_events(self, cur: Any, rows: Sequence[Params]) -> None:
         """Insert job_event rows given in EVENT_COLUMNS order."""

@@ -17,7 +17,6 @@ The helpers are plain functions; import them with ``from conftest import wait_fo
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import time
 import uuid
@@ -100,15 +99,13 @@ def have_root_cgroups() -> bool:
 
 
 def find_ffmpeg() -> str | None:
-    """The system ``ffmpeg`` if on PATH, else the static binary shipped by imageio-ffmpeg."""
-    path = shutil.which("ffmpeg")
-    if path:
-        return path
-    try:
-        import imageio_ffmpeg
+    """The ffmpeg an agent would use (PATH, else imageio-ffmpeg's), or None."""
+    from agent.ffmpeg.discovery import NoFFmpeg
+    from agent.ffmpeg.discovery import find_ffmpeg as discover
 
-        return imageio_ffmpeg.get_ffmpeg_exe()
-    except Exception:  # ImportError, or RuntimeError when the wheel has no binary
+    try:
+        return discover()
+    except NoFFmpeg:
         return None
 
 
@@ -200,6 +197,22 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/ffrtmp.db"
     return request.getfixturevalue("pg_url")
+
+
+# --------------------------------------------------------------------------- a running master
+
+
+@pytest.fixture
+def cluster(tmp_path):  # -> Iterator[harness.Cluster]
+    """A master on a fresh SQLite file, started; the test starts the agents it needs."""
+    from harness import Cluster  # here, not at the top: harness imports this module
+
+    c = Cluster(tmp_path, f"sqlite:///{tmp_path}/ffrtmp.db")
+    try:
+        c.start_master()
+        yield c
+    finally:
+        c.close()
 
 
 # --------------------------------------------------------------------------- ports and waiting

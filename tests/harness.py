@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import psutil
 
 from bus.client import Client
 from bus.security import PeerKeys
-from conftest import free_ports, wait_for
+from conftest import free_port, free_ports, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ("completed", "failed", "timed_out", "cancelled")
@@ -28,8 +29,10 @@ class Cluster:
     """One master plus named agents on random loopback ports."""
 
     def __init__(self, tmp: Path, db_url: str, heartbeat: float = 1.0, liveness: int = 3,
-                 master_args: list[str] | None = None) -> None:
+                 master_args: list[str] | None = None, metrics: bool = False) -> None:
         self.tmp = tmp
+        # metrics=True: the master and each agent serve /metrics on a port of their own.
+        self.metrics_ports: dict[str, int] | None = {} if metrics else None
         self.db_url = db_url
         self.heartbeat = heartbeat
         self.liveness = liveness
@@ -59,12 +62,26 @@ class Cluster:
         """Start (or restart) the master and wait until it answers."""
         self.master = self._spawn("master", [
             "master", "--db", self.db_url, "--agents", self.agents_ep,
-            "--clients", self.clients_ep, "--events", self.events_ep, "--metrics", "off",
+            "--clients", self.clients_ep, "--events", self.events_ep,
+            "--metrics", self._metrics_arg("master"),
             "--heartbeat", str(self.heartbeat), "--liveness", str(self.liveness),
             *self.master_args])
         if wait:
             wait_for(self._answers, 20, message="master did not answer")
         return self.master
+
+    def _metrics_arg(self, label: str) -> str:
+        if self.metrics_ports is None:
+            return "off"
+        port = self.metrics_ports.setdefault(label, free_port())  # the same across restarts
+        return f"127.0.0.1:{port}"
+
+    def scrape(self, label: str = "master") -> str:
+        """The text of GET /metrics of "master" or "agent-NAME" (needs metrics=True)."""
+        assert self.metrics_ports is not None, "Cluster(metrics=True) serves metrics"
+        url = f"http://127.0.0.1:{self.metrics_ports[label]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
 
     def _answers(self) -> bool:
         try:
@@ -74,12 +91,17 @@ class Cluster:
         except Exception:
             return False
 
+    def answers(self) -> bool:
+        """True if the master answers a STATS request within 0.5 s right now."""
+        return self._answers()
+
     def start_agent(self, name: str, slots: int = 4, *extra: str,
                     wait: bool = True) -> subprocess.Popen[bytes]:
         """Start an agent and (by default) wait until the master lists it alive."""
         proc = self._spawn(f"agent-{name}", [
             "agent", "--master", self.agents_ep, "--name", name, "--slots", str(slots),
-            "--work-dir", str(self.tmp / f"work-{name}"), "--metrics", "off", *extra])
+            "--work-dir", str(self.tmp / f"work-{name}"),
+            "--metrics", self._metrics_arg(f"agent-{name}"), *extra])
         self.agents[name] = proc
         if wait:
             wait_for(lambda: self.node(name) is not None, 20,
@@ -226,3 +248,15 @@ def process_gone(proc: psutil.Process) -> bool:
         return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """True once the process has set SIGTERM to ignored (read from /proc/<pid>/status)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    return bool(int(line.split()[1], 16) & (1 << (15 - 1)))
+    except OSError:
+        pass
+    return False

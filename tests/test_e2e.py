@@ -1,4 +1,4 @@
-"""End to end with real processes: 1 master + 3 agents, noop and sleep jobs, SQLite and PostgreSQL."""
+"""End to end with real processes: 1 master + 3 agents, noop and sleep jobs, on both backends."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Cluster
 
+from harness import Cluster
 from storage import Store
 
 

@@ -8,7 +8,6 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from bus.errors import ClientError
 from bus.scenarios import BUILTIN
 from conftest import find_ffmpeg, free_port, require, wait_for
 from harness import Cluster
+from storage import Store
 
 pytestmark = pytest.mark.ffmpeg
 
@@ -41,15 +41,6 @@ def ffprobe(path: Path | str) -> dict[str, Any]:
                           str(path)], capture_output=True, check=True, timeout=60)
     return dict(json.loads(out.stdout))
 
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, f"sqlite:///{tmp_path}/db.sqlite")
-    try:
-        c.start_master()
-        yield c
-    finally:
-        c.close()
 
 
 def out_root(c: Cluster, agent: str) -> Path:
@@ -146,6 +137,9 @@ def test_progress_events_in_order_to_100_percent_and_cli_renders_them(cluster: C
         sub.close()
     assert states[-1] == "completed" and "running" in states
     assert len(seen) >= 2 and seen == sorted(seen), seen
+    # Writing progress figures must not lose what a restarted master needs to place the job.
+    with Store(cluster.db_url) as store:
+        assert store.get_jobs([job_id])[0]["extra"]["requires"] == "encoder:libx264"
     assert seen[-1] == 1.0 or cluster.jobs([job_id])[job_id]["progress"] == 1.0
     result = cluster.cli("submit", "720p-h264", "--input", "testsrc:duration=3,size=640x360",
                          "--output", "cli.mp4", "--set", "preset=slow", "--wait", timeout=90)

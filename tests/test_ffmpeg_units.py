@@ -124,3 +124,16 @@ def test_symlink_escape_and_missing_input_are_invalid(tmp_path: Path) -> None:
         with pytest.raises(InvalidInput):
             build_plan(_spec(input=name), "ffmpeg", tmp_path / "in", tmp_path / "out",
                        tmp_path / "w", 1)
+
+
+def test_bad_duration_on_the_agent_is_invalid_input_not_a_crash(tmp_path: Path) -> None:
+    spec = _spec()
+    for bad in ("x", -1, None):
+        spec["params"] = {"duration": bad}
+        with pytest.raises(InvalidInput, match="params.duration"):
+            build_plan(spec, "ffmpeg", tmp_path, tmp_path, tmp_path, 1)
+
+
+def test_an_oversized_spec_is_refused_at_submit() -> None:
+    with pytest.raises(SpecError, match="bytes packed"):
+        validate_spec({"scenario": "sleep", "params": {"seconds": 1, "pad": "x" * 70_000}})

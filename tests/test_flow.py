@@ -17,7 +17,7 @@ from bus.codec import decode, encode
 from bus.errors import ClientError
 from bus.schemas import MASTER_TO_CLIENT
 from conftest import skip_not_applicable, wait_for
-from harness import TERMINAL, Cluster
+from harness import TERMINAL, Cluster, ignores_sigterm
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -100,17 +100,6 @@ def child_of(c: Cluster, job_id: int, attempt: int = 1) -> psutil.Process:
         return None
 
     return wait_for(find, 10, message=f"child process of job {job_id}")
-
-
-def ignores_sigterm(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("SigIgn:"):
-                    return bool(int(line.split()[1], 16) & (1 << (15 - 1)))
-    except OSError:
-        pass
-    return False
 
 
 # ------------------------------------------------------------------------------ 1 credit

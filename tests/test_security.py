@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import free_port, wait_for
-from harness import Cluster
 
 from bus.client import Client, Subscriber
 from bus.errors import ClientError
 from bus.security import KeyMaterialError, generate, load_peer
 from bus.sockets import AGENT_MAX_MSG, BindError, bind_router, is_loopback
+from conftest import free_port, wait_for
+from harness import Cluster
 
 
 @pytest.fixture
@@ -41,11 +41,18 @@ def _agent_args(keys: Path, name: str) -> list[str]:
 
 def test_keyed_agent_and_client_work_end_to_end(secure: Cluster, keys: Path) -> None:
     secure.start_agent("a1", 2, *_agent_args(keys, "a1"))
-    sub = Subscriber(["job."], secure.events_ep, keys=secure.client_keys)
+    sub = Subscriber(["job.", "stats"], secure.events_ep, keys=secure.client_keys)
     try:
+        # Stats are published every second: one arriving proves the keyed SUB is connected.
+        wait_for(lambda: sub.recv(0.2) is not None, 10, message="no events for a keyed client")
         (job_id,) = secure.client.submit([{"scenario": "noop"}])
         assert secure.wait_terminal([job_id], 20)[job_id]["state"] == "completed"
-        wait_for(lambda: sub.recv(0.2) is not None, 10, message="no events for a keyed client")
+
+        def job_event() -> bool:
+            item = sub.recv(0.2)
+            return item is not None and item[0].startswith(f"job.{job_id}.")
+
+        wait_for(job_event, 10, message="no job events for a keyed client")
     finally:
         sub.close()
 

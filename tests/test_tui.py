@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
-from harness import Cluster
 from textual.widgets import DataTable, Static
 
+from conftest import wait_for
+from harness import Cluster
 from tui.app import Dashboard
 from tui.model import DashModel
 

@@ -97,7 +97,12 @@ def build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root:
     if preset.audio_encoder is not None:
         argv += ["-map", amap]
     if "duration" in params:
-        cut = float(params["duration"])
+        try:
+            cut = float(params["duration"])
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"params.duration: not a number: {params['duration']!r}") from e
+        if not 0 < cut < float("inf"):
+            raise InvalidInput(f"params.duration: must be positive, got {cut!r}")
         argv += ["-t", f"{cut:g}"]
         duration = min(duration, cut) if duration else cut
     argv += _video_args(preset) + _audio_args(preset) + list(preset.extra_args)

@@ -56,7 +56,7 @@ class FFmpegHook(Hook):
         if not self.last_change:
             self.last_change = now
         self._read(run, now)
-        if now >= self._next_io and run.pid is not None:
+        if (now >= self._next_io or run.exited) and run.pid is not None:
             self._next_io = now + IO_EVERY_S
             read = tree_read_bytes(run.pid)
             if read is not None:
