@@ -120,7 +120,7 @@ class Agent:
             "version": VERSION,
             "slots": self.cfg.slots,
             "resources": {
-                "cpus": float(os.cpu_count() or 1),
+                "cpus": float(len(os.sched_getaffinity(0))),  # what admission can use
                 "memory_mb": psutil.virtual_memory().total // 2**20,
                 "disk_mb": disk.free // 2**20,
             },
@@ -274,7 +274,12 @@ class Agent:
                 self._connect(now)
 
     def _start(self, job_id: int, attempt: int, spec: dict[str, Any], now: float) -> None:
-        if job_id in self.running or (job_id, attempt) in self.unacked:
+        held = self.running.get(job_id)
+        if held is not None and held.attempt != attempt:
+            # A fenced older attempt is still being stopped: refuse (requeued, not charged).
+            self._send("REJECT", {"id": job_id, "attempt": attempt, "reason": "busy"}, now)
+            return
+        if held is not None or (job_id, attempt) in self.unacked:
             return  # a duplicate of what we already hold
         if self.draining:
             self._send("REJECT", {"id": job_id, "attempt": attempt, "reason": "draining"}, now)

@@ -123,7 +123,7 @@ class ProcessRun:
 
     def stop(self, now: float, grace_s: float, why: str = "cancel") -> None:
         """SIGTERM the process group now and SIGKILL it after grace_s (idempotent)."""
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None or self.proc.returncode is not None or self._exited():
             return  # it already ended on its own: that result stands (a cancel lost the race)
         if self._stop_reason is None:
             self._stop_reason = why
@@ -211,7 +211,7 @@ class ProcessRun:
             with open(self.workdir / "stderr.log", "rb") as f:
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - limit))
-                return f.read().decode("utf-8", "replace")
+                return f.read().decode("utf-8", "replace").replace("\x00", "")
         except OSError:
             return ""
 

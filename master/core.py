@@ -187,6 +187,12 @@ class MasterCore:
                           {"code": "bad_body", "text": "CREDIT.n out of range"})
                 return
             conn.credit += msg["n"]
+        elif cmd == "DONE" and (field := _unstorable_text(msg.body)) is not None:
+            # A result must never be lost for a text we cannot store: keep the rest of it.
+            log.warning("agent %s: DONE.%s not storable; dropped that field", conn.name, field)
+            self.send(AGENT, ident, "ERROR",
+                      {"code": "bad_body", "text": f"DONE.{field} not storable: dropped"})
+            self._done(conn, {**msg.body, field: None if field == "reason" else {}}, now, wall)
         elif cmd in ("DONE", "PROGRESS", "REJECT") and (bad := _unstorable(msg.body)):
             self.send(AGENT, ident, "ERROR", {"code": "bad_body", "text": f"{cmd}.{bad}"})
         elif cmd == "DONE":
@@ -201,7 +207,11 @@ class MasterCore:
                     self.transition(job, sm.ACCEPT, now, wall, started_at=wall)
                     self.backstop.started(job.id, job.attempt, now)
             elif cmd == "REJECT":
-                self.transition(job, sm.REJECT, now, wall, reason=msg["reason"])
+                if (job.state, sm.REJECT) in sm.TABLE:  # not after ACCEPT: too late to refuse
+                    self.transition(job, sm.REJECT, now, wall, reason=msg["reason"])
+                else:
+                    self.send(AGENT, ident, "ERROR", {"code": "conflict", "text":
+                              f"REJECT of job {job.id} attempt {job.attempt}: already {job.state}"})
             else:
                 self._progress(job, msg.body)
         elif cmd == "BYE":
@@ -256,8 +266,13 @@ class MasterCore:
     def _hello(self, ident: bytes, msg: Message, now: float, wall: float) -> None:
         # What HELLO brings is stored: a value the store refuses would wedge every commit.
         bad = next((k for k in HELLO_STORED if not _storable(msg[k])), None)
+        if bad is None and not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 2**53
+                for v in msg["resources"].values()):
+            bad = "resources"  # placement compares these as numbers
         if bad is not None or not 0 <= msg["slots"] <= MAX_SLOTS:
-            text = f"HELLO.{bad}: not storable" if bad else f"HELLO.slots: 0 to {MAX_SLOTS}"
+            text = f"HELLO.{bad}: not storable or not numbers" if bad \
+                else f"HELLO.slots: 0 to {MAX_SLOTS}"
             self.send(AGENT, ident, "ERROR", {"code": "bad_body", "text": text})
             return
         name = msg["name"]
@@ -282,8 +297,8 @@ class MasterCore:
         self.by_name[name] = conn
         self.send(AGENT, ident, "WELCOME", {"heartbeat_s": self.cfg.heartbeat_s,
                                              "liveness": self.cfg.liveness, "master": "ffrtmp"})
-        if conn.draining:
-            self.send(AGENT, ident, "DRAIN", {"on": True})
+        # Either way: an agent that was away may have missed a DRAIN on or off.
+        self.send(AGENT, ident, "DRAIN", {"on": conn.draining})
         for result in msg["results"]:  # DONE bodies, so checked as DONE is (HELLO's schema can't)
             if not isinstance(result, dict):
                 continue
@@ -428,6 +443,13 @@ class MasterCore:
             if conn.acks:
                 self.send(AGENT, conn.ident, "DONE_ACK", {"acks": conn.acks})
                 conn.acks = []
+
+
+def _unstorable_text(body: dict[str, Any]) -> str | None:
+    """'reason' or 'extra' if that field alone makes a DONE unstorable (numbers are fine)."""
+    if _unstorable({k: v for k, v in body.items() if k not in ("reason", "extra")}):
+        return None
+    return next((k for k in ("reason", "extra") if not _storable(body.get(k))), None)
 
 
 def _unstorable(body: dict[str, Any]) -> str | None:

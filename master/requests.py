@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -14,6 +15,8 @@ from master.scheduler import Job
 from master.spec import ScenarioCheck, SpecError, validate_spec
 from master.views import event_view, job_view
 from storage import StorageError, Store
+
+log = logging.getLogger("ffrtmp.master")
 
 MAX_SPECS = 10_000
 MAX_IDS = 10_000
@@ -52,6 +55,10 @@ class Requests:
         except StorageError as e:
             self.core.metrics.db_errors.labels("read").inc()
             command, body = "ERROR", {"code": "unavailable", "text": f"database: {e}"}
+        except Exception as e:  # a bug must cost one request, never the master
+            log.exception("request %s failed", msg.command)
+            self.core.metrics.client_errors.labels("internal").inc()
+            command, body = "ERROR", {"code": "internal", "text": f"{type(e).__name__}: {e}"}
         self.core.send(CLIENT, ident, command, {**body, "rid": rid})
 
     def turn_committed(self) -> None:
@@ -65,8 +72,9 @@ class Requests:
         if not 1 <= len(specs) <= MAX_SPECS:
             raise RequestError("invalid_spec", f"specs: 1 to {MAX_SPECS} specs per SUBMIT")
         if key is not None:
-            if len(key) > 200:
-                raise RequestError("invalid_spec", "idempotency_key: at most 200 characters")
+            if len(key) > 200 or "\x00" in key:
+                raise RequestError("invalid_spec",
+                                   "idempotency_key: at most 200 characters, no NUL")
             known = self.pending_keys.get(key) or self.store.find_idempotent(key)
             if known:
                 return "SUBMITTED", {"ids": known}

@@ -78,6 +78,8 @@ def validate_spec(raw: Any, scenarios: dict[str, ScenarioCheck] | None = None) -
     """Check one submitted spec; raises SpecError naming the first bad field."""
     if not isinstance(raw, dict):
         raise SpecError(f"spec must be a map, got {type(raw).__name__}")
+    if _has_nul(raw):
+        raise SpecError("spec: strings must not contain NUL characters")
     size = len(msgpack.packb(raw))
     if size > MAX_SPEC_BYTES:  # a JOB must stay far below the agents' 1 MiB message cap
         raise SpecError(f"spec is {size} bytes packed; at most {MAX_SPEC_BYTES}")
@@ -142,3 +144,14 @@ def limit_requirements(limits: dict[str, Any]) -> str:
     if mem is not None:
         parts.append(f"mem>={mem}")
     return "".join("+" + p for p in parts)
+
+
+def _has_nul(value: Any) -> bool:
+    """True if any string (or key) in a nested value holds a NUL (PostgreSQL text refuses it)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False

@@ -102,7 +102,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             upkeep = value(master, "ffrtmp_db_maintenance_total", result="ok") > 0
             idle = value(master, "ffrtmp_slots_busy") == 0 and value(
                 agent, "ffrtmp_agent_jobs_running") == 0
-            return (master, agent) if done and upkeep and idle else None
+            # The state gauges come from a snapshot the loop takes every second: wait for one
+            # taken with the agent connected (the first is taken before it registers).
+            fresh = value(master, "ffrtmp_agents_alive") == 1
+            return (master, agent) if done and upkeep and idle and fresh else None
 
         scraped = wait_for(settled, 30, interval=0.2, message="metrics to settle")
         assert scraped is not None
