@@ -11,7 +11,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -99,18 +98,21 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTree]:
         shutil.rmtree(path)
         return True
 
-    real_mkdir = os.mkdir
+    real_mkdir = Path.mkdir
 
-    def mkdir(path: Any, mode: int = 0o777, **kw: Any) -> None:  # interface files appear
-        real_mkdir(path, mode, **kw)
-        p = Path(path)
-        if p.is_relative_to(tree.root):
-            tree.job(p.parent, p.name)
+    # Interface files appear with a new cgroup directory. Patched on Path (what the backend
+    # calls), not os.mkdir: before Python 3.11 Path.mkdir held its own reference to os.mkdir.
+    def mkdir(self: Path, mode: int = 0o777, parents: bool = False,
+              exist_ok: bool = False) -> None:
+        existed = self.exists()
+        real_mkdir(self, mode, parents, exist_ok)
+        if not existed and self.is_relative_to(tree.root) and self != tree.root:
+            tree.job(self.parent, self.name)
 
     monkeypatch.setattr(v2mod, "write", write)
     monkeypatch.setattr(base, "rmdir", rmdir)
     monkeypatch.setattr(v2mod, "rmdir", rmdir)
-    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
     yield tree
 
 
