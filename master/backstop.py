@@ -43,6 +43,10 @@ class Backstop:
         e = self._entries.get(job_id)
         return e is not None and e.attempt == attempt and e.stage >= CANCEL
 
+    def watching(self, job_id: int) -> bool:
+        """True if some attempt of this job has a deadline here."""
+        return job_id in self._entries
+
     def forget(self, job_id: int) -> None:
         """The attempt ended (or the job left its agent): nothing to watch."""
         self._entries.pop(job_id, None)

@@ -317,6 +317,10 @@ class MasterCore:
         for job in [j for j in self.jobs.values() if j.agent == name and j.state in sm.LIVE]:
             if (job.id, job.attempt) in still:
                 conn.jobs.add(job.id)
+                timeout = msgpack.unpackb(job.spec).get("timeout_s")
+                if timeout and not self.backstop.watching(job.id):
+                    # Reclaimed after a master restart: watch it again, from now (generous).
+                    self.backstop.arm(job.id, job.attempt, float(timeout), now)
                 if job.state == sm.CANCELLING:
                     self.send(AGENT, ident, "CANCEL", {"id": job.id, "attempt": job.attempt,
                                                        "grace_s": job.cancel_grace,

@@ -56,3 +56,16 @@ def test_drain_state_is_told_on_every_hello() -> None:
 def test_nul_in_a_spec_is_refused(raw: dict[str, object]) -> None:
     with pytest.raises(SpecError, match="NUL"):
         validate_spec(raw)
+
+
+def test_a_job_reclaimed_after_restart_is_watched_by_the_backstop_again() -> None:
+    core = core_with_agent()
+    spec = validate_spec({"scenario": "sleep", "params": {"seconds": 60}, "timeout_s": 5}).spec
+    row = {"id": 40, "scenario": "sleep", "spec": spec, "state": sm.RUNNING, "priority": 1,
+           "attempt": 1, "max_attempts": 3, "rejects": 0, "agent": "b",
+           "extra": {"requires": "workload:sleep"}, "created_at": 990.0, "started_at": 995.0}
+    core.recover([row], [], 0.0, 1000.0)
+    assert not core.backstop.watching(40)
+    core.on_agent(b"b/1", msg("HELLO", name="b", slots=1, workloads=["sleep"],
+                              running=[{"id": 40, "attempt": 1}]), 1.0, 1001.0)
+    assert core.jobs[40].state == sm.RUNNING and core.backstop.watching(40)
