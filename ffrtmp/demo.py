@@ -11,7 +11,7 @@ from typing import Any
 
 from bench.cluster import LocalCluster
 from bus.client import Client, Subscriber
-from ffrtmp.render import human_bytes
+from ffrtmp.render import bar, human_bytes
 
 TERMINAL = ("completed", "failed", "timed_out", "cancelled")
 
@@ -32,11 +32,6 @@ def demo_specs() -> list[dict[str, Any]]:
     ]
     specs += [{"scenario": "noop", "priority": "low"} for _ in range(10)]
     return specs
-
-
-def _bar(progress: float, width: int = 20) -> str:
-    full = int(min(1.0, progress) * width)
-    return "[" + "#" * full + "." * (width - full) + "]"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +76,7 @@ def _follow(client: Client, sub: Subscriber, ids: list[int],
                 else:
                     progress[job["id"]] = max(progress.get(job["id"], 0.0), job["progress"])
             running = [j for j in jobs if j["state"] == "running"]
-            line = "  ".join(f"#{j['id']} {j['scenario']} {_bar(progress.get(j['id'], 0), 10)} "
+            line = "  ".join(f"#{j['id']} {j['scenario']} {bar(progress.get(j['id'], 0), 10)} "
                              f"{100 * progress.get(j['id'], 0):3.0f}%" for j in running[:4])
             sys.stdout.write(f"\r{len(final):>3}/{len(ids)} done  {line:<110}")
             sys.stdout.flush()

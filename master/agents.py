@@ -48,17 +48,24 @@ class AgentConn:
             return False
 
     def node_view(self, now: float) -> dict[str, Any]:
-        """The NODES shape of docs/protocol.md."""
-        return {
-            "name": self.name,
-            "state": "draining" if self.draining else "alive",
-            "slots": self.slots,
-            "busy": len(self.jobs),
-            "credit": self.credit,
-            "resources": self.info.get("resources", {}),
-            "workloads": self.info.get("workloads", []),
-            "encoders": self.info.get("encoders", []),
-            "cgroup": self.info.get("cgroup", "none"),
-            "limits": self.info.get("limits", "best-effort"),
-            "last_seen_s": round(max(0.0, now - self.last_seen), 3),
-        }
+        """The NODES shape of docs/protocol.md for this connected agent."""
+        return node_view(self.name, "draining" if self.draining else "alive", self.slots,
+                         len(self.jobs), self.credit, self.info, now - self.last_seen)
+
+
+def node_view(name: str, state: str, slots: int, busy: int, credit: int,
+              info: dict[str, Any], seen_ago_s: float) -> dict[str, Any]:
+    """The NODES shape of docs/protocol.md, for connected and stored agents alike."""
+    return {
+        "name": name,
+        "state": state,
+        "slots": slots,
+        "busy": busy,
+        "credit": credit,
+        "resources": info.get("resources", {}),
+        "workloads": info.get("workloads", []),
+        "encoders": info.get("encoders", []),
+        "cgroup": info.get("cgroup", "none"),
+        "limits": info.get("limits", "best-effort"),
+        "last_seen_s": round(max(0.0, seen_ago_s), 3),
+    }

@@ -10,6 +10,7 @@ import msgpack
 
 from bus.codec import Message
 from master import state as sm
+from master.agents import node_view
 from master.core import CLIENT, MasterCore
 from master.scheduler import Job
 from master.spec import ScenarioCheck, SpecError, validate_spec
@@ -164,7 +165,9 @@ class Requests:
         name, on = msg["name"], bool(msg["on"])
         core = self.core
         conn = core.by_name.get(name)
-        if conn is None and not any(a["name"] == name for a in self.store.list_agents()):
+        stored = None if conn is not None else next(
+            (a for a in self.store.list_agents() if a["name"] == name), None)
+        if conn is None and stored is None:
             raise RequestError("not_found", f"agent {name!r} not known")
         if on:
             core.drained.add(name)
@@ -175,9 +178,7 @@ class Requests:
             core.send("agent", conn.ident, "DRAIN", {"on": on})
             core._save_agent(conn, wall, "draining" if on else "alive")
         else:
-            core.batch.agents[name] = {**next(a for a in self.store.list_agents()
-                                              if a["name"] == name),
-                                       "state": "draining" if on else "lost"}
+            core.batch.agents[name] = {**(stored or {}), "state": "draining" if on else "lost"}
         core.publish(f"agent.{name}", "AGENT",
                      {"name": name, "event": "draining" if on else "resumed"})
         return "REPLY", {"name": name, "draining": on}
@@ -218,14 +219,8 @@ class Requests:
         seen = {n["name"] for n in nodes}
         for row in self.store.list_agents():
             if row["name"] not in seen:
-                info = row.get("info") or {}
-                nodes.append({"name": row["name"], "state": row["state"], "slots": row["slots"],
-                              "busy": 0, "credit": 0, "resources": info.get("resources", {}),
-                              "workloads": info.get("workloads", []),
-                              "encoders": info.get("encoders", []),
-                              "cgroup": info.get("cgroup", "none"),
-                              "limits": info.get("limits", "best-effort"),
-                              "last_seen_s": round(max(0.0, wall - row["last_seen"]), 3)})
+                nodes.append(node_view(row["name"], row["state"], row["slots"], 0, 0,
+                                       row.get("info") or {}, wall - row["last_seen"]))
         return "REPLY", {"nodes": sorted(nodes, key=lambda n: n["name"])}
 
     def _stats(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
