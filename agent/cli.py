@@ -14,7 +14,7 @@ from agent.ffmpeg.discovery import NoFFmpeg
 from agent.loop import Agent
 from agent.metrics import MetricsError
 from bus.security import KeyMaterialError, load_peer
-from bus.sockets import DEFAULT_AGENTS
+from bus.sockets import DEFAULT_AGENTS, BindError
 
 
 def _default_work_dir() -> Path:
@@ -26,7 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the agent subcommand."""
     p = sub.add_parser("agent", help="run an agent that executes jobs")
     p.add_argument("--master", default=DEFAULT_AGENTS, help="the master's agent endpoint")
-    p.add_argument("--name", default=socket.gethostname(), help="unique agent name")
+    p.add_argument("--name", default=None,
+                   help="unique agent name (default: the --key's name with CURVE keys, which "
+                        "the master requires, else the host name)")
     p.add_argument("--slots", type=int, default=4, help="jobs run at once")
     p.add_argument("--work-dir", type=Path, default=None, help="scratch and job directories")
     p.add_argument("--metrics", default="127.0.0.1:9471", help="HOST:PORT for /metrics, or 'off'")
@@ -79,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
             keys = load_peer(args.key, args.master_key)
         except KeyMaterialError as e:
             raise SystemExit(f"ffrtmp agent: {e}") from e
+    if args.name is None:  # with keys the master binds the name to the key: default to it
+        stem = Path(args.key).name.removesuffix(".key_secret") if args.key else ""
+        args.name = stem or socket.gethostname()
     work_dir = args.work_dir or _default_work_dir()
     cfg = AgentConfig(
         work_dir=work_dir, ffmpeg=args.ffmpeg, keys=keys, stall_s=args.stall_timeout,
@@ -99,6 +104,6 @@ def run(args: argparse.Namespace) -> int:
     agent.install_signals()
     try:
         agent.run()
-    except MetricsError as e:
+    except (MetricsError, BindError) as e:
         raise SystemExit(f"ffrtmp agent: {e}") from e
     return 0

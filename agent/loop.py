@@ -26,7 +26,7 @@ from agent.workloads import WORKLOADS
 from bus.codec import Message, decode, encode
 from bus.errors import ProtocolError
 from bus.schemas import MASTER_TO_AGENT
-from bus.sockets import AGENT_MAX_MSG, connect_dealer
+from bus.sockets import AGENT_MAX_MSG, check_http_bind, connect_dealer
 
 log = logging.getLogger("ffrtmp.agent")
 VERSION = "0.1.0"
@@ -65,6 +65,8 @@ class Agent:
         self.liveness = cfg.liveness
         self.last_recv = self.last_sent = 0.0
         self.backoff = 0.1
+        self.instance = secrets.token_hex(8)  # HELLO.instance: this process, across reconnects
+        self.refused: str | None = None  # the master's last refusal of our HELLO (logged once)
         self._stop = threading.Event()
         self.completed = 0
         self.ffmpeg: str | None = None
@@ -117,6 +119,7 @@ class Agent:
         disk = psutil.disk_usage(str(self.cfg.work_dir))
         return {
             "name": self.cfg.name,
+            "instance": self.instance,
             "version": VERSION,
             "slots": self.cfg.slots,
             "resources": {
@@ -150,6 +153,9 @@ class Agent:
         if (n := self.cgroups.cleanup_leftovers()):
             log.warning("killed and removed %d job cgroup(s) left by a crashed agent", n)
         if self.cfg.metrics and self.metrics_server is None:
+            # /metrics is plain HTTP: the bus endpoints' loopback rule (BindError); the agent
+            # has no --insecure, so only CURVE keys allow a public bind.
+            check_http_bind(self.cfg.metrics, insecure=False, secured=self.cfg.keys is not None)
             self.metrics_server = serve(self.registry, self.cfg.metrics)  # MetricsError
         self._connect(time.monotonic())
         reconnect_at = 0.0
@@ -168,8 +174,9 @@ class Agent:
                         reconnect_at = now + self.backoff
                         self.backoff = min(self.cfg.reconnect_max_s, self.backoff * 2)
                     if now >= reconnect_at:
-                        log.warning("master silent for %.1fs; reconnecting",
-                                    now - self.last_recv)
+                        if self.refused is None:
+                            log.warning("master silent for %.1fs; reconnecting",
+                                        now - self.last_recv)
                         reconnect_at = 0.0
                         self._connect(now)
                     continue
@@ -246,6 +253,9 @@ class Agent:
                 self._send("ERROR", {"code": "bad_body", "text": f"WELCOME.{key}"}, now)
                 return
             self.registered = True
+            if self.refused is not None:
+                log.info("master accepted this agent as %s", self.cfg.name)
+            self.refused = None
             self.granted = 0
             self.backoff = 0.1
             self.heartbeat_s = float(msg["heartbeat_s"])
@@ -269,8 +279,18 @@ class Agent:
             log.info("master said BYE; reconnecting")
             self.last_recv = -1e9  # reconnect on the next turn, with backoff
         elif cmd == "ERROR":
-            log.warning("master error %s: %s", msg["code"], msg["text"])
-            if msg["code"] == "unknown_agent":
+            code = msg["code"]
+            if code in ("name_taken", "forbidden") and not self.registered:
+                # Our HELLO was refused: say so once, then retry with backoff (the name may be
+                # held by our own previous process until the master declares it lost).
+                if self.refused != code:
+                    log.error("master refused this agent (%s): %s; retrying with backoff",
+                              code, msg["text"])
+                self.refused = code
+                self.last_recv = -1e9
+                return
+            log.warning("master error %s: %s", code, msg["text"])
+            if code == "unknown_agent":
                 self._connect(now)
 
     def _start(self, job_id: int, attempt: int, spec: dict[str, Any], now: float) -> None:

@@ -21,11 +21,10 @@ from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from bus.vocab import REASONS, STATUSES
+
 log = logging.getLogger("ffrtmp.agent")
 
-STATUSES = frozenset({"completed", "failed", "timed_out", "cancelled"})
-REASONS = frozenset({"exit_code", "oom_killed", "timeout", "stalled", "disk_limit",
-                     "cancelled_graceful", "cancelled_forced", "invalid_input", "resources"})
 RUN_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 MB = 2**20
 

@@ -6,8 +6,7 @@ import math
 import sys
 from typing import Any
 
-SYNTHETIC = ("sleep", "burn", "hog")
-WORKLOADS = ("noop", *SYNTHETIC)
+from bus.vocab import SYNTHETIC, WORKLOADS  # noqa: F401  (re-exported)
 
 
 class UnsupportedJob(Exception):

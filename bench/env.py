@@ -8,15 +8,15 @@ import platform
 import sqlite3
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 
 from bench.profiles import BenchError
+from storage import StorageError, backend_for
+from storage.backends import KNOWN, backend_named
 
 DEFAULT_PG_SERVER = "postgresql://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,50 +27,25 @@ def pg_server(explicit: str | None = None) -> str:
     return explicit or os.environ.get("FFRTMP_BENCH_PG") or DEFAULT_PG_SERVER
 
 
-def _pg_admin(server: str, sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(server, connect_timeout=5)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
-
-
 def fresh_db(db: str | None, workdir: Path,
              pg: str | None = None) -> tuple[str, str, Callable[[], None]]:
-    """(url, backend, cleanup) for `sqlite` (a new file), `postgresql` (a new database on the
-    bench server, dropped by cleanup) or a full URL (used as it is)."""
+    """(url, backend, cleanup) for a backend's name (`sqlite`: a new file; `postgresql`: a new
+    database on the bench server, dropped by cleanup) or a full URL (used as it is)."""
     choice = (db or "sqlite").strip()
-    if choice == "sqlite":
-        workdir.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{workdir}/bench.db", "sqlite", lambda: None
-    if choice in ("postgresql", "postgres", "pg"):
-        import psycopg2
-
-        server = pg_server(pg)
-        name = f"ffrtmp_bench_{uuid.uuid4().hex[:10]}"
+    if "://" in choice:
         try:
-            _pg_admin(server, f'CREATE DATABASE "{name}" TEMPLATE template0')
-        except psycopg2.Error as e:
-            raise BenchError(f"cannot create a database on {_redact(server)}: "
-                             f"{' '.join(str(e).split())}") from e
-        parts = urlsplit(server)
-        url = urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
-
-        def drop() -> None:
-            with contextlib.suppress(Exception):
-                _pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-        return url, "postgresql", drop
-    if choice.startswith("sqlite://"):
-        return choice, "sqlite", lambda: None
-    if choice.startswith(("postgresql://", "postgres://")):
-        return choice, "postgresql", lambda: None
-    raise BenchError(f"unknown --db {choice!r} (sqlite, postgresql, or a sqlite:// or "
-                     "postgresql:// URL)")
+            return choice, backend_for(choice).name, lambda: None
+        except StorageError:
+            pass
+    elif (backend := backend_named(choice)) is not None:
+        try:
+            url, drop = backend.scratch(pg_server(pg), workdir, "bench")
+        except StorageError as e:
+            raise BenchError(str(e)) from e
+        return url, backend.name, drop
+    names = ", ".join(b.name for b in KNOWN)
+    urls = " or ".join(f"{b.schemes[0]}://" for b in KNOWN)
+    raise BenchError(f"unknown --db {choice!r} ({names}, or a {urls} URL)")
 
 
 def pg_reachable(pg: str | None = None) -> str | None:
@@ -84,30 +59,10 @@ def pg_reachable(pg: str | None = None) -> str | None:
         return " ".join(str(e).split()) or type(e).__name__
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@",
-                                                                 ":***@", 1)))
-
-
 def db_version(url: str) -> str:
-    """The database server's version string."""
-    if url.startswith("sqlite"):
-        return f"SQLite {sqlite3.sqlite_version}"
-    try:
-        import psycopg2
-
-        conn = psycopg2.connect(url, connect_timeout=3)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SHOW server_version")
-                return f"PostgreSQL {cur.fetchone()[0]}"
-        finally:
-            conn.close()
-    except Exception:  # a version string is nice to have, never worth failing a run
-        return "PostgreSQL (version unknown)"
+    """The database server's version string, for a URL fresh_db returned (never raises: it
+    is only for the report)."""
+    return backend_for(url).version(url)
 
 
 def _cpu_model() -> str:

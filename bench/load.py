@@ -22,8 +22,8 @@ from bus.codec import decode, encode
 from bus.errors import ProtocolError
 from bus.schemas import MASTER_TO_CLIENT
 from bus.sockets import connect_dealer, connect_sub
+from bus.vocab import ASSIGNED, COMPLETED, QUEUED, TERMINAL
 
-TERMINAL = frozenset({"completed", "failed", "timed_out", "cancelled"})
 GET_CHUNK = 1000
 STALL_S = 2.0  # no terminal event for this long -> ask the master with GET
 
@@ -175,7 +175,7 @@ class Driver:
 
     def _count_final(self, state: str) -> None:
         self.done += 1
-        if state != "completed":
+        if state != COMPLETED:
             self.failed += 1
         self.last_terminal = time.perf_counter()
 
@@ -196,11 +196,11 @@ class Driver:
             except Exception:  # not ours to judge; the master counts bad frames
                 continue
             at = ev.get("at") or 0.0
-            if state == "queued":
+            if state == QUEUED:
                 if job_id not in self.queued_at:
                     self.queued_at[job_id] = at
                     self.queued_recv[job_id] = now
-            elif state == "assigned":
+            elif state == ASSIGNED:
                 if job_id not in self.assigned_at:
                     self.assigned_at[job_id] = at
                     if job_id in self.sent:

@@ -101,9 +101,16 @@ class Client:
         """Submit a terminal job again as a new job; returns the new id."""
         return int(self.request("RETRY", id=job_id)["id"])
 
-    def nodes(self) -> list[dict[str, Any]]:
-        """The agents the master knows."""
-        return list(self.request("NODES")["nodes"])
+    def nodes(self, page: int = 200) -> list[dict[str, Any]]:
+        """Every agent the master knows, by name, fetched `page` at a time (NODES is paged)."""
+        nodes: list[dict[str, Any]] = []
+        after = None
+        while True:
+            reply = self.request("NODES", limit=page, after=after)
+            nodes += reply["nodes"]
+            after = reply.get("next")
+            if not after:
+                return nodes
 
     def drain(self, name: str, on: bool = True) -> dict[str, Any]:
         """Stop (or resume) dispatching to an agent."""

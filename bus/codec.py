@@ -46,6 +46,8 @@ def decode(
     frames: list[bytes], schemas: dict[str, Schema], max_body: int = DEFAULT_MAX_BODY
 ) -> Message:
     """Decode and validate three frames against schemas; raises ProtocolError on any fault."""
+    if len(frames) > 3:
+        raise ProtocolError("too_large", f"a message is 3 frames, got {len(frames)}")
     if len(frames) != 3:
         raise ProtocolError("bad_body", f"expected 3 frames, got {len(frames)}")
     header, raw_command, raw_body = frames
@@ -91,21 +93,36 @@ def _unpack(raw: bytes) -> dict[str, Any]:
         raise ProtocolError("bad_body", f"body is not valid msgpack: {type(e).__name__}") from e
     if not isinstance(body, dict):
         raise ProtocolError("bad_body", f"body must be a map, got {type(body).__name__}")
-    if not all(isinstance(k, str) for k in body):  # strict_map_key still lets bin keys through
-        raise ProtocolError("bad_body", "body keys must be strings")
-    if _depth(body, 0) > MAX_DEPTH:
+    fault = _tree_fault(body, 0)
+    if fault == "depth":
         raise ProtocolError("bad_body", f"body nests deeper than {MAX_DEPTH}")
+    if fault is not None:
+        # A nested non-string key: the body itself is readable, so its rid is echoed.
+        top_ok = all(isinstance(k, str) for k in body)
+        raise ProtocolError("bad_body", f"map keys must be strings, got {fault}",
+                            body.get("rid") if top_ok else None)
     return body
 
 
-def _depth(value: Any, level: int) -> int:
-    if level > MAX_DEPTH:
-        return level
+def _tree_fault(value: Any, level: int) -> str | None:
+    """'depth' if value nests deeper than MAX_DEPTH, else a description of the first map key
+    that is not a string (at any depth: a bin key next to str keys would reach code that
+    compares or sorts keys), else None."""
+    if level >= MAX_DEPTH:
+        return "depth"
     if isinstance(value, dict):
-        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
-    if isinstance(value, list):
-        return max((_depth(v, level + 1) for v in value), default=level + 1)
-    return level
+        items: Any = value.values()
+        for key in value:
+            if not isinstance(key, str):
+                return f"{type(key).__name__} {key!r:.40}"
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        if isinstance(item, dict | list) and (fault := _tree_fault(item, level + 1)):
+            return fault
+    return None
 
 
 _KINDS: dict[str, tuple[type, ...]] = {

@@ -1,22 +1,28 @@
-"""The bus error hierarchy: one ProtocolError for bad frames, one ClientError for requests."""
+"""The one error root: every refusal the system reports carries a wire `code` and a `text`.
+
+ProtocolError (a bad frame or body), ClientError (a request that failed, seen by a client) and
+the master's RequestError (a request it refuses) share FfrtmpError's (code, text).
+"""
 
 from __future__ import annotations
 
 
-class ProtocolError(Exception):
-    """A frame or body that breaks docs/protocol.md; `code` is the wire ERROR code."""
-
-    def __init__(self, code: str, text: str, rid: object = None) -> None:
-        super().__init__(f"{code}: {text}")
-        self.code = code
-        self.text = text
-        self.rid = rid
-
-
-class ClientError(Exception):
-    """A request that failed: an ERROR reply from the master, or no reply in time."""
+class FfrtmpError(Exception):
+    """Base of every coded error: `code` is the wire ERROR code, `text` says what to fix."""
 
     def __init__(self, code: str, text: str) -> None:
         super().__init__(f"{code}: {text}")
         self.code = code
         self.text = text
+
+
+class ProtocolError(FfrtmpError):
+    """A frame or body that breaks docs/protocol.md; `rid` is echoed where it was readable."""
+
+    def __init__(self, code: str, text: str, rid: object = None) -> None:
+        super().__init__(code, text)
+        self.rid = rid
+
+
+class ClientError(FfrtmpError):
+    """A request that failed: an ERROR reply from the master, or no reply in time."""

@@ -14,6 +14,7 @@ _ID_ATTEMPT: Schema = {"id": ("int", REQUIRED), "attempt": ("int", REQUIRED)}
 AGENT_TO_MASTER: dict[str, Schema] = {
     "HELLO": {
         "name": ("str", REQUIRED),
+        "instance": ("str", ""),
         "version": ("str", ""),
         "slots": ("int", REQUIRED),
         "resources": ("map", {}),
@@ -79,7 +80,7 @@ CLIENT_TO_MASTER: dict[str, Schema] = {
     },
     "CANCEL": {**_RID, "ids": ("list", REQUIRED), "grace_s": ("num", 30.0)},
     "RETRY": {**_RID, "id": ("int", REQUIRED)},
-    "NODES": dict(_RID),
+    "NODES": {**_RID, "limit": ("int", 1000), "after": ("str?", None)},
     "DRAIN": {**_RID, "name": ("str", REQUIRED), "on": ("bool", True)},
     "STATS": dict(_RID),
 }

@@ -38,6 +38,19 @@ def is_loopback(endpoint: str) -> bool:
             return False
 
 
+def check_http_bind(hostport: str, insecure: bool, secured: bool) -> None:
+    """Refuse (BindError) an HTTP HOST:PORT whose host is not loopback unless insecure or
+    secured (CURVE keys configured): the rule of the bus endpoints. An empty host is 127.0.0.1;
+    an IPv6 host may be bracketed ("[::1]:9471")."""
+    host = hostport.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    endpoint = f"tcp://[{host}]:1" if ":" in host else f"tcp://{host}:1"  # IPv6 needs brackets
+    if insecure or secured or is_loopback(endpoint):
+        return
+    raise BindError(
+        f"refusing to bind {hostport}: not loopback and no CURVE keys (the HTTP endpoint is "
+        "unauthenticated; bind 127.0.0.1, or configure keys or --insecure to expose it)")
+
+
 def _bind(sock: zmq.Socket, endpoint: str, insecure: bool,
           security: MasterSecurity | None = None, domain: str = "") -> None:
     if security is not None:
@@ -57,14 +70,14 @@ def _bind(sock: zmq.Socket, endpoint: str, insecure: bool,
 
 def bind_router(
     ctx: zmq.Context, endpoint: str, max_msg: int, insecure: bool = False,
-    security: MasterSecurity | None = None, domain: str = "",
+    security: MasterSecurity | None = None, domain: str = "", sndhwm: int = HWM,
 ) -> zmq.Socket:
-    """A ROUTER for agents or clients: mandatory routing, bounded messages, high HWMs."""
+    """A ROUTER for agents or clients: mandatory routing, bounded frames, per-peer send HWM."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, max_msg)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     _bind(sock, endpoint, insecure, security, domain)
@@ -72,11 +85,12 @@ def bind_router(
 
 
 def bind_pub(ctx: zmq.Context, endpoint: str, insecure: bool = False,
-             security: MasterSecurity | None = None, domain: str = "") -> zmq.Socket:
-    """The events PUB socket."""
+             security: MasterSecurity | None = None, domain: str = "",
+             sndhwm: int = HWM) -> zmq.Socket:
+    """The events PUB socket; a subscriber that does not read loses events past `sndhwm`."""
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
     _bind(sock, endpoint, insecure, security, domain)
     return sock
 

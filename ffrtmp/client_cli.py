@@ -11,9 +11,8 @@ from typing import Any
 from bus.client import Client, Subscriber
 from bus.errors import ClientError
 from bus.sockets import DEFAULT_EVENTS
+from bus.vocab import COMPLETED, PRIORITIES, RUNNING, TERMINAL
 from ffrtmp.render import bandwidth, final_line, progress_line
-
-TERMINAL = ("completed", "failed", "timed_out", "cancelled")
 
 
 def _value(text: str) -> Any:
@@ -71,7 +70,7 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     jobs = wait_for(client, ids, args.events, quiet=args.json)
     if args.json:
         _print_json({"ids": ids, "jobs": jobs})
-    bad = [j for j in jobs if j["state"] != "completed"]
+    bad = [j for j in jobs if j["state"] != COMPLETED]
     for job in bad[:20]:
         print(f"job {job['id']}: {job['state']} ({job['reason']})", file=sys.stderr)
     return 1 if bad else 0
@@ -100,7 +99,7 @@ def wait_for(client: Client, ids: list[int], events: str, quiet: bool) -> list[d
                           file=sys.stderr, flush=True)
                     next_line = now + 1.0
                 elif msg.command == "STATE" and msg["state"] not in TERMINAL:
-                    if msg["state"] == "running":
+                    if msg["state"] == RUNNING:
                         started = now
                     print(("\r" if tty else "") + f"job {msg['id']}: {msg['state']}"
                           + ("\033[K" if tty else ""), file=sys.stderr, flush=True)
@@ -192,7 +191,7 @@ def cmd_jobs(args: argparse.Namespace, client: Client) -> int:
             print(f"job {args.id} resubmitted as job {new_id}")
         return 0
     job = wait_for(client, [args.id], args.events, quiet=False)
-    return 0 if job and job[0]["state"] == "completed" else 1
+    return 0 if job and job[0]["state"] == COMPLETED else 1
 
 
 def cmd_nodes(args: argparse.Namespace, client: Client) -> int:
@@ -220,7 +219,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input")
     p.add_argument("--output")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
-    p.add_argument("--priority", default="normal", choices=["high", "normal", "low"])
+    p.add_argument("--priority", default="normal", choices=list(PRIORITIES))
     p.add_argument("--timeout", type=float)
     p.add_argument("--max-attempts", type=int, default=3)
     p.add_argument("--cpu", type=int, help="max CPU percent (100 = one core)")

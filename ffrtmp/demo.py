@@ -11,9 +11,8 @@ from typing import Any
 
 from bench.cluster import LocalCluster
 from bus.client import Client, Subscriber
+from bus.vocab import COMPLETED, RUNNING, TERMINAL
 from ffrtmp.render import bar, human_bytes
-
-TERMINAL = ("completed", "failed", "timed_out", "cancelled")
 
 
 def demo_specs() -> list[dict[str, Any]]:
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             nodes = client.nodes()
         print("\nagents: " + ", ".join(f"{n['name']} ({n['slots']} slots)" for n in nodes))
         print(f"outputs: {workdir}/agent*/outputs/demo   database and logs: {workdir}")
-        return 0 if all(j["state"] == "completed" for j in final.values()) else 1
+        return 0 if all(j["state"] == COMPLETED for j in final.values()) else 1
     finally:
         cluster.stop()
 
@@ -75,7 +74,7 @@ def _follow(client: Client, sub: Subscriber, ids: list[int],
                     final[job["id"]] = job
                 else:
                     progress[job["id"]] = max(progress.get(job["id"], 0.0), job["progress"])
-            running = [j for j in jobs if j["state"] == "running"]
+            running = [j for j in jobs if j["state"] == RUNNING]
             line = "  ".join(f"#{j['id']} {j['scenario']} {bar(progress.get(j['id'], 0), 10)} "
                              f"{100 * progress.get(j['id'], 0):3.0f}%" for j in running[:4])
             sys.stdout.write(f"\r{len(final):>3}/{len(ids)} done  {line:<110}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from bus import vocab
+
 
 @dataclass(slots=True, eq=False)
 class AgentConn:
@@ -22,6 +24,7 @@ class AgentConn:
     jobs: set[int] = field(default_factory=set)
     acks: list[list[int]] = field(default_factory=list)
     first_seen_wall: float = 0.0
+    instance: str = ""  # HELLO.instance: tells the same process on a new connection apart
     verdicts: dict[str, bool] = field(default_factory=dict)  # can_run cache (caps are fixed)
 
     def can_run(self, requirement: str) -> bool:
@@ -49,7 +52,8 @@ class AgentConn:
 
     def node_view(self, now: float) -> dict[str, Any]:
         """The NODES shape of docs/protocol.md for this connected agent."""
-        return node_view(self.name, "draining" if self.draining else "alive", self.slots,
+        state = vocab.NODE_DRAINING if self.draining else vocab.NODE_ALIVE
+        return node_view(self.name, state, self.slots,
                          len(self.jobs), self.credit, self.info, now - self.last_seen)
 
 

@@ -53,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="SLA: fraction of jobs that should meet it (alerted on below)")
     p.add_argument("--retention-days", type=float, default=7.0,
                    help="delete terminal jobs finished longer ago than this (0: keep all)")
+    p.add_argument("--agent-retention", type=float, default=86400.0,
+                   help="forget lost or left agents this long after they were last seen, s "
+                        "(0: keep them)")
     p.add_argument("--retention-interval", type=float, default=60.0,
                    help="how often retention looks for old jobs, s")
     p.add_argument("--maintenance-interval", type=float, default=3600.0,
@@ -72,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_margin_s=args.timeout_margin,
         sla_done_s=args.sla_done_s, sla_wait_s=args.sla_wait_s, sla_target=args.sla_target,
         retention_days=args.retention_days, retention_interval_s=args.retention_interval,
+        agent_retention_s=args.agent_retention,
         maintenance_interval_s=args.maintenance_interval,
     )
     try:

@@ -27,7 +27,14 @@ class MasterConfig:
     retry_cap_s: float = 60.0
     progress_flush_s: float = 1.0
     stats_interval_s: float = 1.0
-    max_messages_per_turn: int = 5000
+    max_messages_per_turn: int = 5000  # agent messages read per loop turn at most
+    # Fairness and bounded cost per client (docs/protocol.md "Limits and backpressure").
+    client_turn_messages: int = 256  # client requests served per turn at most, all clients
+    client_turn_s: float = 0.02  # and at most this much time per turn on them
+    client_messages_per_turn: int = 64  # one client's share of a turn; beyond: ERROR busy
+    client_reply_hwm: int = 64  # replies queued for one client; beyond: dropped and counted
+    events_hwm: int = 2000  # events queued for one subscriber; beyond: dropped by ZeroMQ
+    agent_retention_s: float = 86400.0  # lost/left agent records are forgotten after this
     sla_done_s: float = 600.0  # SLA: submission to completion
     sla_wait_s: float = 30.0  # SLA: submission to first assignment
     sla_target: float = 0.95  # SLA: fraction of judged jobs that should meet it

@@ -17,18 +17,20 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from bus.vocab import (
+    CANCELLED,
+    CANCELLED_FORCED,
+    OOM_KILLED,
+    REASONS,
+    STALLED,
+    STATUSES,
+    TIMED_OUT,
+    WORKLOADS,
+)
 from master.sla import SlaPolicy
 
 OTHER = "other"
 MAX_AGENT_LABELS = 256
-# docs/protocol.md "States and reasons"; anything else an agent sends is counted as "other".
-REASONS = frozenset({
-    "exit_code", "oom_killed", "timeout", "stalled", "disk_limit", "agent_lost",
-    "cancelled_graceful", "cancelled_forced", "invalid_input", "no_capable_agent", "rejected",
-    "submitted", "retry", "cancelled", "fenced",
-})
-STATUSES = frozenset({"completed", "failed", "timed_out", "cancelled"})
-WORKLOADS = ("noop", "sleep", "burn", "hog")
 
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 RUN_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
@@ -45,6 +47,8 @@ class TrackedJob(Protocol):
     enqueued: float
     created_at: float
     first_wait_s: float | None
+    bytes_in: int
+    bytes_out: int
 
 
 class LabelClamp:
@@ -105,6 +109,15 @@ class MasterMetrics:
                               "Messages about attempts that were no longer current")
         self.agents_lost = counter("ffrtmp_agents_lost_total", "Agents declared dead")
         self.agent_joins = counter("ffrtmp_agent_hellos_total", "Agent HELLOs accepted")
+        self.hellos_refused = counter("ffrtmp_agent_hellos_refused_total",
+                                      "Agent HELLOs refused (bad_body, forbidden, name_taken)",
+                                      ["code"])
+        self.credit_capped = counter("ffrtmp_agent_credit_capped_total",
+                                     "CREDIT beyond an agent's free slots, not granted")
+        self.replies_dropped = counter("ffrtmp_client_replies_dropped_total",
+                                       "Replies dropped: the client's reply queue was full")
+        self.client_busy = counter("ffrtmp_client_busy_total",
+                                   "Requests refused with ERROR busy (a client's turn share)")
         self.messages = counter("ffrtmp_bus_messages_total",
                                 "Bus messages by socket and direction", ["socket", "direction"])
         self.bad_frames = counter("ffrtmp_bus_bad_frames_total", "Malformed frames received",
@@ -123,6 +136,9 @@ class MasterMetrics:
                                 ["verdict"])
         for verdict in ("met", "missed"):
             self.sla_jobs.labels(verdict)
+        self.retention_forgotten_agents = counter(
+            "ffrtmp_retention_forgotten_agents_total",
+            "Lost or left agent records deleted by retention")
         self.retention_deleted = counter("ffrtmp_retention_deleted_jobs_total",
                                          "Terminal jobs deleted by retention")
         self.maintenance = counter("ffrtmp_db_maintenance_total",
@@ -153,17 +169,16 @@ class MasterMetrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def job_assigned(self, job: TrackedJob, now: float, wall: float) -> None:
-        """A queued job got an assignment: its queue wait; the first one is kept for the SLA."""
+    def job_assigned(self, job: TrackedJob, now: float) -> None:
+        """A queued job got an assignment: its queue wait."""
         self._child(self.queue_wait, self.scenario(job.scenario)).observe(
             max(0.0, now - job.enqueued))
-        if job.first_wait_s is None and job.created_at > 0:
-            job.first_wait_s = max(0.0, wall - job.created_at)
 
     def job_done(self, job: TrackedJob, status: str, reason: str | None, duration_s: float,
-                 bytes_in: int, bytes_out: int, agent: str) -> None:
+                 agent: str) -> None:
         """The DONE of a current attempt: run time, bandwidth, bytes per agent, OOM and stalls."""
         scenario = self.scenario(job.scenario)
+        bytes_in, bytes_out = job.bytes_in, job.bytes_out
         self._child(self.run_seconds, scenario, status if status in STATUSES else OTHER).observe(
             max(0.0, duration_s))
         if status == "completed" and duration_s > 0 and bytes_out > 0:
@@ -176,28 +191,25 @@ class MasterMetrics:
         else:
             self._child(self.bytes_out, name)  # the series exists from the agent's first job
             self._child(self.bytes_in, name)
-        if reason == "oom_killed":
+        if reason == OOM_KILLED:
             self.oom_kills.inc()
-        elif reason == "stalled":
+        elif reason == STALLED:
             self.stalled.inc()
 
     def job_retried(self, reason: str | None) -> None:
         """A failed attempt went back to the queue with a backoff."""
         self._child(self.retries, self.reason(reason)).inc()
 
-    def job_finished(self, job: TrackedJob, reason: str | None, wall: float) -> dict[str, Any]:
-        """A job reached its terminal state; returns the fields to merge into its `extra`."""
+    def job_finished(self, job: TrackedJob, reason: str | None, verdict: bool | None) -> None:
+        """A job reached its terminal state, with its SLA verdict (None: not judged)."""
         self._child(self.finished, job.state, self.reason(reason)).inc()
-        if job.state == "timed_out":
+        if job.state == TIMED_OUT:
             self.timed_out.inc()
-        elif job.state == "cancelled":
-            mode = "forced" if reason == "cancelled_forced" else "graceful"
+        elif job.state == CANCELLED:
+            mode = "forced" if reason == CANCELLED_FORCED else "graceful"
             self._child(self.cancelled, mode).inc()
-        verdict = self.sla.verdict(job.state, job.created_at, job.first_wait_s, wall)
-        if verdict is None:
-            return {}
-        self._child(self.sla_jobs, "met" if verdict else "missed").inc()
-        return {"sla_met": verdict}
+        if verdict is not None:
+            self._child(self.sla_jobs, "met" if verdict else "missed").inc()
 
     # ---- state gauges ------------------------------------------------------------------------
 

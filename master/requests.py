@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-import msgpack
-
-from bus.codec import Message
-from master import state as sm
+from bus import vocab
+from bus.codec import Message, encode
+from bus.errors import FfrtmpError
+from bus.sockets import CLIENT_MAX_MSG
 from master.agents import node_view
 from master.core import CLIENT, MasterCore
-from master.scheduler import Job
 from master.spec import ScenarioCheck, SpecError, validate_spec
 from master.views import event_view, job_view
 from storage import StorageError, Store
@@ -21,46 +19,56 @@ log = logging.getLogger("ffrtmp.master")
 
 MAX_SPECS = 10_000
 MAX_IDS = 10_000
+MAX_NODES = 1000
 INT64 = range(-(2**63), 2**63)  # what the database can compare ids with (msgpack goes to 2^64-1)
 
 
-class RequestError(Exception):
+class RequestError(FfrtmpError):
     """A request the master refuses; becomes an ERROR reply with this code."""
-
-    def __init__(self, code: str, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
 
 
 class Requests:
     """Serves client requests against the core (writes) and the store (reads)."""
 
     def __init__(self, core: MasterCore, store: Store,
-                 scenarios: dict[str, ScenarioCheck] | None = None) -> None:
+                 scenarios: dict[str, ScenarioCheck] | None = None,
+                 max_reply: int = CLIENT_MAX_MSG) -> None:
         self.core = core
         self.store = store
         self.scenarios = scenarios or {}
-        self.started = time.monotonic()
-        self.pending_keys: dict[str, list[int]] = {}  # idempotency keys of this uncommitted turn
+        self.max_reply = max_reply
+        # idempotency key -> (ids, specs) of this uncommitted turn
+        self.pending_keys: dict[str, tuple[list[int], list[Any]]] = {}
 
-    def handle(self, ident: bytes, msg: Message, now: float, wall: float) -> None:
-        """Serve one request; every outcome, good or bad, is one reply carrying its rid."""
+    def handle(self, ident: bytes, msg: Message, now: float, wall: float,
+               role: str | None = None) -> None:
+        """Serve one request; every outcome, good or bad, is one reply carrying its rid.
+
+        `role` is the client key's role under CURVE (None without keys: loopback, all allowed).
+        """
         rid = msg.get("rid")
         try:
+            if role is not None and msg.command not in vocab.ROLE_COMMANDS.get(role, ()):
+                raise RequestError("forbidden", f"{msg.command} needs the operate role; this "
+                                                f"client key has the {role} role")
             handler = getattr(self, "_" + msg.command.lower())
             command, body = handler(msg, now, wall)
+            frames = encode(command, {**body, "rid": rid})
+            if len(frames[2]) > self.max_reply:
+                raise RequestError("too_large", f"the {msg.command} reply would be "
+                                   f"{len(frames[2])} bytes, over the {self.max_reply}-byte "
+                                   "message limit: ask for less (a lower limit, fewer ids)")
         except RequestError as e:
             self.core.metrics.client_errors.labels(e.code).inc()
-            command, body = "ERROR", {"code": e.code, "text": e.text}
+            frames = _error(e.code, e.text, rid, msg.command)
         except StorageError as e:
             self.core.metrics.db_errors.labels("read").inc()
-            command, body = "ERROR", {"code": "unavailable", "text": f"database: {e}"}
+            frames = _error("unavailable", f"database: {e}", rid, msg.command)
         except Exception as e:  # a bug must cost one request, never the master
             log.exception("request %s failed", msg.command)
             self.core.metrics.client_errors.labels("internal").inc()
-            command, body = "ERROR", {"code": "internal", "text": f"{type(e).__name__}: {e}"}
-        self.core.send(CLIENT, ident, command, {**body, "rid": rid})
+            frames = _error("internal", f"{type(e).__name__}: {e}", rid, msg.command)
+        self.core.out.send_frames(CLIENT, ident, frames)
 
     def turn_committed(self) -> None:
         """Forget this turn's idempotency keys: they are in the store now."""
@@ -72,47 +80,36 @@ class Requests:
         specs, key = msg["specs"], msg["idempotency_key"]
         if not 1 <= len(specs) <= MAX_SPECS:
             raise RequestError("invalid_spec", f"specs: 1 to {MAX_SPECS} specs per SUBMIT")
-        if key is not None:
-            if len(key) > 200 or "\x00" in key:
-                raise RequestError("invalid_spec",
-                                   "idempotency_key: at most 200 characters, no NUL")
-            known = self.pending_keys.get(key) or self.store.find_idempotent(key)
-            if known:
-                return "SUBMITTED", {"ids": known}
+        if key is not None and (len(key) > 200 or "\x00" in key):
+            raise RequestError("invalid_spec", "idempotency_key: at most 200 characters, no NUL")
         checked = []
         for i, raw in enumerate(specs):
             try:
                 checked.append(validate_spec(raw, self.scenarios))
             except SpecError as e:
                 raise RequestError("invalid_spec", f"specs[{i}].{e}") from e
-        ids = [self._enqueue(v.spec, v.priority, v.requires, key, now, wall) for v in checked]
+        wanted = [v.spec for v in checked]
         if key is not None:
-            self.pending_keys[key] = ids
+            known = self.pending_keys.get(key) or self._stored_key(key)
+            if known is not None:
+                ids, had = known
+                if had != wanted:
+                    raise RequestError("conflict", f"idempotency_key {key!r} was used for "
+                                       f"other specs (jobs {_id_span(ids)}): use a new key")
+                return "SUBMITTED", {"ids": ids}
+        ids = [self.core.jobs.create(v.spec, v.priority, v.requires, key, now, wall)
+               for v in checked]
+        if key is not None:
+            self.pending_keys[key] = (ids, wanted)
         self.core.metrics.submitted.inc(len(ids))
         return "SUBMITTED", {"ids": ids}
 
-    def _enqueue(self, spec: dict[str, Any], priority: int, requires: str, key: str | None,
-                 now: float, wall: float, retry_of: int | None = None) -> int:
-        core = self.core
-        job_id = core.next_id
-        core.next_id += 1
-        job = Job(id=job_id, scenario=spec["scenario"], spec=msgpack.packb(spec),
-                  state=sm.QUEUED, priority=priority, attempt=0,
-                  max_attempts=spec["max_attempts"], requires=requires, created_at=wall,
-                  extra={"retry_of": retry_of} if retry_of else {})
-        core.jobs[job_id] = job
-        core.sched.push(job, now)
-        core.batch.inserts.append({
-            "id": job_id, "scenario": spec["scenario"], "spec": spec, "state": sm.QUEUED,
-            "priority": priority, "attempt": 0, "max_attempts": spec["max_attempts"],
-            "created_at": wall, "updated_at": wall, "timeout_s": spec["timeout_s"],
-            "output": spec["output"], "idem_key": key, "reason": "retry" if retry_of else None,
-            "extra": {"requires": requires, **({"retry_of": retry_of} if retry_of else {})},
-        })
-        core.publish(f"job.{job_id}.state", "STATE",
-                     {"id": job_id, "state": sm.QUEUED, "attempt": 0, "agent": None,
-                      "reason": "submitted", "at": wall})
-        return job_id
+    def _stored_key(self, key: str) -> tuple[list[int], list[Any]] | None:
+        ids = self.store.find_idempotent(key)
+        if not ids:
+            return None
+        specs = {r["id"]: r["spec"] for r in self.store.get_jobs(ids)}
+        return ids, [specs.get(i) for i in ids]
 
     def _cancel(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
         ids = _ids(msg["ids"])
@@ -120,34 +117,23 @@ class Requests:
         if not 0 <= grace <= 3600:
             raise RequestError("bad_body", "grace_s: must be between 0 and 3600")
         core = self.core
-        results = []
         missing = [i for i in ids if i not in core.jobs]
         known = {row["id"] for row in self.store.get_jobs(missing)} if missing else set()
+        results = []
         for job_id in ids:
             job = core.jobs.get(job_id)
             if job is None:
                 results.append({"id": job_id,
                                 "result": "terminal" if job_id in known else "not_found"})
-                continue
-            if job.state == sm.QUEUED:
-                core.transition(job, sm.CANCEL, now, wall, reason="cancelled_graceful")
-                results.append({"id": job_id, "result": "cancelled"})
-                continue
-            if job.state != sm.CANCELLING:
-                job.cancel_grace = grace
-                core.transition(job, sm.CANCEL, now, wall)
-                conn = core.by_name.get(job.agent or "")
-                if conn is not None:
-                    core.send("agent", conn.ident, "CANCEL",
-                              {"id": job.id, "attempt": job.attempt, "grace_s": grace,
-                               "reason": "cancelled"})
-            results.append({"id": job_id, "result": "cancelling"})
+            else:
+                results.append({"id": job_id, "result": core.cancel(job, grace, now, wall)})
         return "REPLY", {"results": results}
 
     def _retry(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
         job_id = _int64("id", msg["id"])
-        if job_id in self.core.jobs:
-            raise RequestError("conflict", f"job {job_id} is {self.core.jobs[job_id].state}, "
+        live = self.core.jobs.get(job_id)
+        if live is not None:
+            raise RequestError("conflict", f"job {job_id} is {live.state}, "
                                            "not terminal: nothing to retry")
         rows = self.store.get_jobs([job_id])
         if not rows:
@@ -157,30 +143,16 @@ class Requests:
             checked = validate_spec(spec, self.scenarios)
         except SpecError as e:
             raise RequestError("invalid_spec", f"job {job_id} spec no longer valid: {e}") from e
-        new_id = self._enqueue(checked.spec, checked.priority, checked.requires, None, now, wall,
-                               retry_of=job_id)
+        new_id = self.core.jobs.create(checked.spec, checked.priority, checked.requires, None,
+                                       now, wall, retry_of=job_id)
         return "REPLY", {"id": new_id, "retry_of": job_id}
 
     def _drain(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
         name, on = msg["name"], bool(msg["on"])
-        core = self.core
-        conn = core.by_name.get(name)
-        stored = None if conn is not None else next(
+        stored = None if self.core.agents.named(name) is not None else next(
             (a for a in self.store.list_agents() if a["name"] == name), None)
-        if conn is None and stored is None:
+        if not self.core.agents.drain(name, on, stored, wall):
             raise RequestError("not_found", f"agent {name!r} not known")
-        if on:
-            core.drained.add(name)
-        else:
-            core.drained.discard(name)
-        if conn is not None:
-            conn.draining = on
-            core.send("agent", conn.ident, "DRAIN", {"on": on})
-            core._save_agent(conn, wall, "draining" if on else "alive")
-        else:
-            core.batch.agents[name] = {**(stored or {}), "state": "draining" if on else "lost"}
-        core.publish(f"agent.{name}", "AGENT",
-                     {"name": name, "event": "draining" if on else "resumed"})
         return "REPLY", {"name": name, "draining": on}
 
     # ---- reads ------------------------------------------------------------------------------
@@ -201,10 +173,10 @@ class Requests:
     def _list(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
         states = msg["states"]
         if states is not None:
-            bad = [s for s in states if s not in sm.STATES]
+            bad = [s for s in states if s not in vocab.STATES]
             if bad:
                 raise RequestError("bad_body", f"states: unknown state {bad[0]!r} "
-                                               f"(known: {', '.join(sm.STATES)})")
+                                               f"(known: {', '.join(vocab.STATES)})")
         limit = msg["limit"]
         if not 1 <= limit <= 1000:
             raise RequestError("bad_body", "limit: must be between 1 and 1000")
@@ -215,36 +187,31 @@ class Requests:
         return "REPLY", {"jobs": self._views(rows)}
 
     def _nodes(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
-        nodes = [c.node_view(now) for c in self.core.agents.values()]
-        seen = {n["name"] for n in nodes}
+        limit, after = msg["limit"], msg["after"]
+        if not 1 <= limit <= MAX_NODES:
+            raise RequestError("bad_body", f"limit: must be between 1 and {MAX_NODES}")
+        nodes = {n["name"]: n for n in self.core.agents.views(now)}
         for row in self.store.list_agents():
-            if row["name"] not in seen:
-                nodes.append(node_view(row["name"], row["state"], row["slots"], 0, 0,
-                                       row.get("info") or {}, wall - row["last_seen"]))
-        return "REPLY", {"nodes": sorted(nodes, key=lambda n: n["name"])}
+            if row["name"] not in nodes:
+                nodes[row["name"]] = node_view(row["name"], row["state"], row["slots"], 0, 0,
+                                               row.get("info") or {}, wall - row["last_seen"])
+        names = sorted(n for n in nodes if after is None or n > after)
+        page = names[:limit]
+        more = len(names) > limit
+        return "REPLY", {"nodes": [nodes[n] for n in page], "next": page[-1] if more else None}
 
     def _stats(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
-        stats = self.snapshot()
+        stats = self.core.snapshot()
         stats["jobs_by_state"] = self.store.counts_by_state()
         return "REPLY", {"stats": stats}
 
-    def snapshot(self) -> dict[str, Any]:
-        """Counters from memory only (cheap: used by metrics and the stats event)."""
-        core = self.core
-        live: dict[str, int] = {s: 0 for s in sm.STATES if s not in sm.TERMINAL}
-        for job in core.jobs.values():
-            live[job.state] = live.get(job.state, 0) + 1
-        return {
-            "queued_by_priority": core.sched.depth(),
-            "delayed": core.sched.delayed(),
-            "live_by_state": live,
-            "agents": len(core.agents),
-            "slots": sum(c.slots for c in core.agents.values()),
-            "slots_busy": sum(len(c.jobs) for c in core.agents.values()),
-            "dispatched_total": core.dispatched_total,
-            "completed_total": core.finished_total,
-            "uptime_s": round(time.monotonic() - self.started, 3),
-        }
+
+def _error(code: str, text: str, rid: Any, command: str) -> list[bytes]:
+    return encode("ERROR", {"code": code, "text": text, "rid": rid, "command": command})
+
+
+def _id_span(ids: list[int]) -> str:
+    return str(ids[0]) if len(ids) == 1 else f"{ids[0]}..{ids[-1]}"
 
 
 def _ids(raw: list[Any]) -> list[int]:

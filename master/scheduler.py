@@ -9,8 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-PRIORITIES = {"high": 0, "normal": 1, "low": 2}
-PRIORITY_NAMES = {v: k for k, v in PRIORITIES.items()}
+from bus.vocab import PRIORITIES, PRIORITY_NAMES  # noqa: F401  (re-exported)
 
 
 @dataclass(slots=True, eq=False)

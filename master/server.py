@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import random
 import signal
@@ -15,10 +16,17 @@ from prometheus_client import CollectorRegistry, start_http_server
 from bus.codec import decode, encode
 from bus.errors import ProtocolError
 from bus.schemas import AGENT_TO_MASTER, CLIENT_TO_MASTER
-from bus.security import AGENTS_DOMAIN, CLIENTS_DOMAIN, MasterSecurity
-from bus.sockets import AGENT_MAX_MSG, CLIENT_MAX_MSG, BindError, bind_pub, bind_router
+from bus.security import AGENTS_DOMAIN, CLIENTS_DOMAIN, MasterSecurity, Peer, parse_user_id
+from bus.sockets import (
+    AGENT_MAX_MSG,
+    CLIENT_MAX_MSG,
+    BindError,
+    bind_pub,
+    bind_router,
+    check_http_bind,
+)
 from master.config import MasterConfig
-from master.core import AGENT, MasterCore
+from master.core import AGENT, CLIENT, MasterCore
 from master.metrics import MasterMetrics
 from master.requests import Requests
 from master.retention import Maintenance, Retention
@@ -33,6 +41,59 @@ TICK_S = 0.05
 # the send itself for our small messages (~5 µs against ~2 µs per 4-frame message).
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
+MAX_FRAMES = 4  # routing identity + header, command, body: anything longer is refused
+_HEARTBEAT = encode("HEARTBEAT", {})
+
+
+def _libc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc: give freed heap pages back to the OS
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+class Oversize(Exception):
+    """A message over the whole-message caps; its frames were read and dropped, not kept."""
+
+    def __init__(self, ident: bytes, frames: int, size: int) -> None:
+        super().__init__(f"{frames} frames, {size} bytes")
+        self.ident, self.frames, self.size = ident, frames, size
+
+
+def recv_capped(sock: zmq.Socket, max_bytes: int, secured: bool
+                ) -> tuple[list[bytes], str | None]:
+    """One whole message (NOBLOCK), keeping at most MAX_FRAMES frames and max_bytes in all.
+
+    Returns the frames and the ZAP User-Id (CURVE only). Frames past a cap are read without
+    being copied into Python and dropped, then Oversize says so. (libzmq has already assembled
+    the whole multipart message by then; what it held is given back by the caller's trim.)
+    """
+    user: str | None = None
+    if secured:
+        raw = sock.recv(_NOBLOCK, copy=False)
+        got = raw.get("User-Id")
+        user = got if isinstance(got, str) else None
+        first: bytes = raw.bytes
+    else:
+        first = sock.recv(_NOBLOCK)
+    frames: list[bytes] = [first]
+    size, count = 0, 1
+    while sock.getsockopt(zmq.RCVMORE):
+        count += 1
+        if count > MAX_FRAMES or size > max_bytes:  # dropped: never copied into Python
+            size += len(sock.recv(copy=False))
+            continue
+        frame = sock.recv()
+        size += len(frame)
+        if size <= max_bytes:
+            frames.append(frame)
+    if count > MAX_FRAMES or size > max_bytes:
+        raise Oversize(frames[0], count - 1, size)
+    return frames, user
 
 
 def _send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
@@ -60,9 +121,11 @@ class Master:
         self.store = Store(cfg.db_url)
         self.core = MasterCore(cfg, self.store.max_job_id() + 1, self.metrics, random.Random())
         self.requests = Requests(self.core, self.store, scenarios)
-        self.metrics.watch(self.requests.snapshot, self._nodes)
+        self.core.agents.probe = self._probe
+        self.metrics.watch(self.core.snapshot, self._nodes)
         self.retention = Retention(self.store, self.metrics, cfg.retention_days,
-                                   cfg.retention_interval_s, cfg.retention_batch)
+                                   cfg.retention_interval_s, cfg.retention_batch,
+                                   agent_retention_s=cfg.agent_retention_s)
         self.maintenance = Maintenance(cfg.db_url, self.metrics, cfg.maintenance_interval_s)
         self._stop = threading.Event()
         self.ctx = zmq.Context()
@@ -71,6 +134,8 @@ class Master:
         self.events: zmq.Socket | None = None
         self.metrics_server: Any = None
         self.security: MasterSecurity | None = None
+        self._trim_due = False  # an oversize message passed through the heap
+        self._next_trim = 0.0  # when the heap may next be trimmed
         self._unreachable: list[bytes] = []  # agents a send failed to; dropped after next drain
 
     def bind(self) -> None:
@@ -82,8 +147,11 @@ class Master:
             self.agents = bind_router(self.ctx, self.cfg.agents, AGENT_MAX_MSG, insecure,
                                       sec, AGENTS_DOMAIN)
             self.clients = bind_router(self.ctx, self.cfg.clients, CLIENT_MAX_MSG, insecure,
-                                       sec, CLIENTS_DOMAIN)
-            self.events = bind_pub(self.ctx, self.cfg.events, insecure, sec, CLIENTS_DOMAIN)
+                                       sec, CLIENTS_DOMAIN, sndhwm=self.cfg.client_reply_hwm)
+            self.events = bind_pub(self.ctx, self.cfg.events, insecure, sec, CLIENTS_DOMAIN,
+                                   sndhwm=self.cfg.events_hwm)
+            if self.cfg.metrics:
+                check_http_bind(self.cfg.metrics, insecure, sec is not None)
         except Exception:
             self.close()
             raise
@@ -146,20 +214,20 @@ class Master:
                 ready = dict(poller.poll(int(self._timeout(time.monotonic()) * 1000)))
                 now, wall = time.monotonic(), time.time()
                 if self.agents in ready:
-                    self._drain(self.agents, AGENT, now, wall)
+                    self._serve_agents(now, wall)
                 self._drop_unreachable(now, wall)
                 if self.clients in ready:
-                    self._drain(self.clients, "client", now, wall)
+                    self._serve_clients(now, wall)
                 self.core.tick(now, wall)
                 if now >= next_flush:
                     self.core.flush_progress(wall)
                     next_flush = now + self.cfg.progress_flush_s
                 if now >= next_stats:
-                    self.core.publish("stats", "STATS", self.metrics.refresh())
+                    self.core.out.publish("stats", "STATS", self.metrics.refresh())
                     next_stats = now + self.cfg.stats_interval_s
                 self.core.dispatch(now, wall)
                 self.core.flush_acks()
-                self.retention.tick(now, wall, self.core.batch)
+                self.retention.tick(now, wall, self.core.out.batch)
                 self._commit_and_send()
         finally:
             self.maintenance.stop()
@@ -167,43 +235,119 @@ class Master:
             self.close()
 
     def _nodes(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        return [conn.node_view(now) for conn in self.core.agents.values()]
+        return self.core.agents.views(time.monotonic())
 
     def _timeout(self, now: float) -> float:
-        due = self.core.sched.next_due()
+        due = self.core.jobs.sched.next_due()
         if due is None:
             return TICK_S
         return max(0.0, min(TICK_S, due - now))
 
-    def _drain(self, sock: zmq.Socket, kind: str, now: float, wall: float) -> None:
-        schemas = AGENT_TO_MASTER if kind == AGENT else CLIENT_TO_MASTER
+    def _probe(self, ident: bytes) -> bool:
+        """Is this agent connection still there? (a HEARTBEAT is harmless to send any time)"""
+        assert self.agents is not None
+        try:
+            _send_frames(self.agents, [ident, *_HEARTBEAT])
+            return True
+        except zmq.ZMQError as e:
+            return e.errno == zmq.EAGAIN  # queue full: connected, just slow
+
+    def _recv(self, sock: zmq.Socket, kind: str, max_msg: int
+              ) -> tuple[bytes, list[bytes], str | None] | None:
+        """One message as (identity, frames, User-Id); None once the socket is empty.
+
+        A message over the caps is answered ERROR too_large here and skipped.
+        """
+        while True:
+            try:
+                frames, user = recv_capped(sock, max_msg, self.security is not None)
+                return frames[0], frames[1:], user
+            except zmq.Again:
+                return None
+            except Oversize as e:
+                self.metrics.bad_frames.labels(kind, "too_large").inc()
+                self._trim_due = True
+                self.core.out.send(kind, e.ident, "ERROR", {"code": "too_large", "text": (
+                    f"message of {e.frames} frames and {e.size} bytes: at most 3 frames and "
+                    f"{max_msg} bytes in all")})
+
+    def _decode(self, kind: str, ident: bytes, rest: list[bytes]) -> Any:
+        """The decoded message, or None after answering ERROR for a bad one."""
+        try:
+            return decode(rest, AGENT_TO_MASTER if kind == AGENT else CLIENT_TO_MASTER)
+        except ProtocolError as e:
+            self.metrics.bad_frames.labels(kind, e.code).inc()
+            log.debug("bad frame from %s %r: %s", kind, ident, e)
+            body: dict[str, Any] = {"code": e.code, "text": e.text}
+            if e.rid is not None:
+                body["rid"] = e.rid
+            self.core.out.send(kind, ident, "ERROR", body)
+            return None
+
+    def _serve_agents(self, now: float, wall: float) -> None:
+        """Every agent message waiting, up to max_messages_per_turn."""
+        assert self.agents is not None
         received = 0
         for _ in range(self.cfg.max_messages_per_turn):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            got = self._recv(self.agents, AGENT, AGENT_MAX_MSG)
+            if got is None:
                 break
             received += 1
-            ident, rest = frames[0], frames[1:]
-            try:
-                msg = decode(rest, schemas)
-            except ProtocolError as e:
-                self.metrics.bad_frames.labels(kind, e.code).inc()
-                log.debug("bad frame from %s %r: %s", kind, ident, e)
-                body: dict[str, Any] = {"code": e.code, "text": e.text}
-                if e.rid is not None:
-                    body["rid"] = e.rid
-                self.core.send(kind, ident, "ERROR", body)
+            ident, rest, user = got
+            msg = self._decode(AGENT, ident, rest)
+            if msg is None:
                 continue
-            if kind == AGENT:
-                self.core.on_agent(ident, msg, now, wall)
-            else:
-                self.requests.handle(ident, msg, now, wall)
+            peer: Peer | None = parse_user_id(user) if user else None
+            self.core.on_agent(ident, msg, now, wall, peer)
         if received:  # one counter update per drain: labels() per message costs ~3 µs
-            self.metrics.messages.labels(kind, "in").inc(received)
+            self.metrics.messages.labels(AGENT, "in").inc(received)
+
+    def _serve_clients(self, now: float, wall: float) -> None:
+        """Client requests within the turn's budget (count and time); fair share per client.
+
+        ZeroMQ's ROUTER reads its peers round robin, so every waiting client gets its turn; one
+        client past its share of a turn is answered ERROR busy, and the rest waits in the socket
+        for the next turn (after the agents are served again).
+        """
+        assert self.clients is not None
+        cfg = self.cfg
+        deadline = time.perf_counter() + cfg.client_turn_s
+        per_client: dict[bytes, int] = {}
+        received = 0
+        while received < cfg.client_turn_messages and time.perf_counter() < deadline:
+            got = self._recv(self.clients, CLIENT, CLIENT_MAX_MSG)
+            if got is None:
+                break
+            received += 1
+            ident, rest, user = got
+            msg = self._decode(CLIENT, ident, rest)
+            if msg is None:
+                continue
+            seen = per_client[ident] = per_client.get(ident, 0) + 1
+            if seen > cfg.client_messages_per_turn:
+                self.metrics.client_busy.inc()
+                self.core.out.send(CLIENT, ident, "ERROR", {
+                    "code": "busy", "rid": msg.get("rid"), "command": msg.command,
+                    "text": f"more than {cfg.client_messages_per_turn} requests in one turn: "
+                            "retry after the replies you are waiting for"})
+                continue
+            peer = parse_user_id(user) if user else None
+            self.requests.handle(ident, msg, now, wall, peer.role if peer else None)
+        if received:
+            self.metrics.messages.labels(CLIENT, "in").inc(received)
+
+    def _trim(self) -> None:
+        """libzmq assembles a multipart message whole before handing it over, so an oversize
+        one passed through the heap: give that back to the OS (at most 10 times a second)."""
+        now = time.monotonic()
+        if _MALLOC_TRIM is not None and now >= self._next_trim:
+            self._trim_due = False
+            self._next_trim = now + 0.1
+            _MALLOC_TRIM(0)
 
     def _commit_and_send(self) -> None:
+        if self._trim_due:
+            self._trim()
         batch, outbox, published = self.core.take_output()
         if batch:
             self._commit(batch)
@@ -216,9 +360,11 @@ class Master:
                 _send_frames(sock, [ident, *frames])
                 sent[kind] = sent.get(kind, 0) + 1
             except zmq.ZMQError as e:  # EHOSTUNREACH (peer gone) or EAGAIN (HWM full)
-                log.info("cannot send to %s %r: %s", kind, ident, e)
                 if kind == AGENT:
+                    log.info("cannot send to agent %r: %s", ident, e)
                     self._unreachable.append(ident)
+                elif e.errno == zmq.EAGAIN:  # a client that does not read its replies
+                    self.metrics.replies_dropped.inc()
         for kind, n in sent.items():  # one counter update per socket and turn
             self.metrics.messages.labels(kind, "out").inc(n)
         assert self.events is not None
@@ -255,8 +401,7 @@ class Master:
             if self._stop.is_set():
                 raise SystemExit("stopped while the database was down; uncommitted turn dropped")
             delay = min(2.0, delay * 2)
-            for conn in self.core.agents.values():  # our silence is not their death
-                conn.last_seen = time.monotonic()
+            self.core.agents.seen_all(time.monotonic())  # our silence is not their death
 
     def _refuse_clients_for(self, seconds: float) -> None:
         """While writes are stuck, answer every client request with ERROR unavailable."""
@@ -265,23 +410,26 @@ class Master:
         while (left := deadline - time.monotonic()) > 0:
             if not self.clients.poll(int(left * 1000) + 1):
                 continue
-            frames = self.clients.recv_multipart()
+            got = self._recv(self.clients, CLIENT, CLIENT_MAX_MSG)
+            if got is None:
+                continue
+            ident, rest, _ = got
             try:
-                rid = decode(frames[1:], CLIENT_TO_MASTER).get("rid")
+                rid = decode(rest, CLIENT_TO_MASTER).get("rid")
             except ProtocolError as e:
                 rid = e.rid
             self.metrics.client_errors.labels("unavailable").inc()
             body = {"code": "unavailable", "text": "database unavailable: request not applied",
                     "rid": rid}
             try:
-                self.clients.send_multipart([frames[0], *encode("ERROR", body)], zmq.NOBLOCK)
+                _send_frames(self.clients, [ident, *encode("ERROR", body)])
             except zmq.ZMQError:
                 pass
 
     def _goodbye(self) -> None:
         if self.agents is None:
             return
-        for conn in list(self.core.agents.values()):
+        for conn in self.core.agents:
             try:
                 self.agents.send_multipart([conn.ident, *encode("BYE", {})], zmq.NOBLOCK)
             except zmq.ZMQError:

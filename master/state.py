@@ -5,18 +5,20 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-QUEUED = "queued"
-ASSIGNED = "assigned"
-RUNNING = "running"
-CANCELLING = "cancelling"
-COMPLETED = "completed"
-FAILED = "failed"
-TIMED_OUT = "timed_out"
-CANCELLED = "cancelled"
-
-STATES = (QUEUED, ASSIGNED, RUNNING, CANCELLING, COMPLETED, FAILED, TIMED_OUT, CANCELLED)
-TERMINAL = frozenset({COMPLETED, FAILED, TIMED_OUT, CANCELLED})
-LIVE = frozenset({ASSIGNED, RUNNING, CANCELLING})  # states with an assignment on an agent
+from bus.vocab import (  # noqa: F401  (re-exported: the state machine's vocabulary)
+    ASSIGNED,
+    CANCELLED,
+    CANCELLING,
+    COMPLETED,
+    FAILED,
+    LIVE,
+    NOT_RETRIED,
+    QUEUED,
+    RUNNING,
+    STATES,
+    TERMINAL,
+    TIMED_OUT,
+)
 
 # Inputs the state machine understands.
 ASSIGN = "assign"  # the scheduler placed the job on an agent
@@ -29,9 +31,6 @@ CANCEL = "cancel"  # a client asked to cancel
 LOST = "lost"  # the agent died or dropped the attempt
 REJECT = "reject"  # the agent refused the attempt
 UNPLACEABLE = "unplaceable"  # no agent can ever run it
-
-# Failures that would only fail again: not retried.
-NOT_RETRIED = frozenset({"invalid_input", "no_capable_agent", "oom_killed", "disk_limit"})
 
 _RETRY = "retry-or-fail"  # marker: back to QUEUED if attempts are left, else the named state
 

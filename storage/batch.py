@@ -16,6 +16,7 @@ class WriteBatch:
     events:  job_event rows (job_id, at, from_state, to_state, reason, agent, attempt).
     agents:  agent name -> full agent row to upsert.
     deletes: ids of terminal jobs to delete together with their events (retention).
+    forgets: names of agents whose records to delete if they are (still) lost or left.
     """
 
     inserts: list[dict[str, Any]] = field(default_factory=list)
@@ -23,6 +24,7 @@ class WriteBatch:
     events: list[dict[str, Any]] = field(default_factory=list)
     agents: dict[str, dict[str, Any]] = field(default_factory=dict)
     deletes: list[int] = field(default_factory=list)
+    forgets: list[str] = field(default_factory=list)
 
     def insert(self, **row: Any) -> None:
         """Queue a new job row (it must carry its 'id')."""
@@ -44,6 +46,11 @@ class WriteBatch:
         """Queue the deletion of a terminal job and its events."""
         self.deletes.append(job_id)
 
+    def forget_agent(self, name: str) -> None:
+        """Queue the deletion of agent `name`'s record; applied after this batch's agent
+        upserts and only if the record is then lost or left (an agent that came back stays)."""
+        self.forgets.append(name)
+
     def is_empty(self) -> bool:
         """True when the batch holds no row operation."""
         return len(self) == 0
@@ -56,5 +63,5 @@ class WriteBatch:
         """Number of row operations queued (automatic 'submitted' events not counted)."""
         return (
             len(self.inserts) + len(self.updates) + len(self.events)
-            + len(self.agents) + len(self.deletes)
+            + len(self.agents) + len(self.deletes) + len(self.forgets)
         )

@@ -63,6 +63,7 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
         before = size_bytes(store)
         vacuum(store)
         after = size_bytes(store)
-        mode = f", auto_vacuum {auto_vacuum(store)}" if store.backend == "sqlite" else ""
-    print(f"vacuumed {store.url}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB{mode}")
+        mode = auto_vacuum(store)
+    note = f", auto_vacuum {mode}" if mode is not None else ""
+    print(f"vacuumed {store.url}: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB{note}")
     return 0

@@ -1,19 +1,26 @@
 """Database upkeep: retention deletes, online optimisation, and the full VACUUM an operator runs.
 
-None of these run inside a transaction (VACUUM cannot); callers use their own Store, never the
-master's while it is inside `apply`.
+What each backend does for an operation is its entry in storage.backends; this file connects,
+calls it and turns the driver's errors into StorageError. None of these run inside a transaction
+(VACUUM cannot); callers use their own Store, never the master's while it is inside `apply`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+import peewee
+
+from bus.vocab import TERMINAL
 from storage.batch import WriteBatch
 from storage.errors import StorageError, one_line
-from storage.models import TERMINAL_STATES
-from storage.repository import _DB_ERRORS, Store
+from storage.repository import Store
+
+T = TypeVar("T")
 
 log = logging.getLogger("ffrtmp.storage")
 
@@ -54,20 +61,18 @@ def count_terminal_older_than(store: Store, cutoff: float) -> int:
     """How many terminal jobs finished before cutoff (epoch s)."""
     job = store.models.Job
     try:
-        return int(job.select().where(job.state.in_(sorted(TERMINAL_STATES))
+        return int(job.select().where(job.state.in_(sorted(TERMINAL))
                                       & (job.finished_at < cutoff)).count())
-    except _DB_ERRORS as e:
+    except store.errors as e:
         raise StorageError(f"count failed on {store.url}: {one_line(e)}") from e
 
 
-def _execute(store: Store, sql: str, script: bool = False) -> None:
+def _upkeep(store: Store, what: str, op: Callable[[peewee.Database], T]) -> T:
     try:
-        if script:  # sqlite3 steps a PRAGMA that returns nothing only once unless run as script
-            store.db.connection().executescript(sql)
-        else:
-            store.db.execute_sql(sql)
-    except _DB_ERRORS as e:
-        raise StorageError(f"{sql.split('(')[0]} failed on {store.url}: {one_line(e)}") from e
+        store.db.connect(reuse_if_open=True)
+        return op(store.db)
+    except store.errors as e:
+        raise StorageError(f"{what} failed on {store.url}: {one_line(e)}") from e
 
 
 def optimize(store: Store, pages: int = INCREMENTAL_PAGES) -> str:
@@ -77,42 +82,22 @@ def optimize(store: Store, pages: int = INCREMENTAL_PAGES) -> str:
     auto-vacuum mode, hands up to `pages` free pages back to the file system. PostgreSQL:
     `ANALYZE` of the job tables (autovacuum does the vacuuming).
     """
-    store.db.connect(reuse_if_open=True)
-    if store.backend == "sqlite":
-        _execute(store, "PRAGMA optimize")
-        if auto_vacuum(store) == "incremental":
-            _execute(store, f"PRAGMA incremental_vacuum({int(pages)});", script=True)
-        return "optimize"
-    for table in ("jobs", "job_events", "agents"):
-        _execute(store, f"ANALYZE {table}")
-    return "analyze"
+    return _upkeep(store, "optimize", lambda db: store.kind.optimize(db, pages))
 
 
 def vacuum(store: Store) -> None:
     """Full VACUUM, by hand: SQLite rewrites the file (and switches it to incremental
     auto-vacuum, so the master's scheduled passes can shrink it from then on); it blocks
     writers while it runs. PostgreSQL: `VACUUM (ANALYZE)` of the job tables, online."""
-    store.db.connect(reuse_if_open=True)
-    if store.backend == "sqlite":
-        _execute(store, "PRAGMA auto_vacuum = INCREMENTAL")
-        _execute(store, "VACUUM")
-        _execute(store, "PRAGMA optimize")
-        return
-    for table in ("jobs", "job_events", "agents"):
-        _execute(store, f"VACUUM (ANALYZE) {table}")
+    _upkeep(store, "vacuum", store.kind.vacuum)
 
 
-def auto_vacuum(store: Store) -> str:
-    """SQLite's auto-vacuum mode: 'none', 'full' or 'incremental'."""
-    cur = store.db.execute_sql("PRAGMA auto_vacuum")
-    return {0: "none", 1: "full", 2: "incremental"}.get(int(cur.fetchone()[0]), "none")
+def auto_vacuum(store: Store) -> str | None:
+    """The auto-vacuum mode ('none', 'full' or 'incremental' on SQLite); None on a backend
+    that has no such setting (PostgreSQL)."""
+    return _upkeep(store, "auto_vacuum", store.kind.vacuum_mode)
 
 
 def size_bytes(store: Store) -> int:
     """Size of the database on disk: the SQLite file's pages, or pg_database_size."""
-    store.db.connect(reuse_if_open=True)
-    if store.backend == "sqlite":
-        count = store.db.execute_sql("PRAGMA page_count").fetchone()[0]
-        size = store.db.execute_sql("PRAGMA page_size").fetchone()[0]
-        return int(count) * int(size)
-    return int(store.db.execute_sql("SELECT pg_database_size(current_database())").fetchone()[0])
+    return _upkeep(store, "size", store.kind.size_bytes)

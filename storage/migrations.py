@@ -17,11 +17,17 @@ def _v1_initial(db: peewee.Database, models: Models) -> None:
     db.create_tables([models.Job, models.JobEvent, models.Agent], safe=True)
 
 
+def _v2_agents_last_seen(db: peewee.Database, models: Models) -> None:
+    """Index agents by last_seen, for the expiry scan (IF NOT EXISTS: new files have it)."""
+    models.Agent._schema.create_indexes(safe=True)
+
+
 # Append (version, step) pairs; never edit a released step. A fresh database runs every step
 # after _v1_initial has created tables from today's models, so later steps must tolerate their
 # change being present already (e.g. add a column only if it is missing).
 STEPS: list[tuple[int, Step]] = [
     (1, _v1_initial),
+    (2, _v2_agents_last_seen),
 ]
 SCHEMA_VERSION = STEPS[-1][0]
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 import peewee
 
-TERMINAL_STATES = frozenset({"completed", "failed", "timed_out", "cancelled"})
+from bus.vocab import NODE_LEFT, NODE_LOST, TERMINAL
+
+# Kept for importers of the old name; the vocabulary itself lives in bus.vocab.
+TERMINAL_STATES = TERMINAL
+# Agent record states that may expire (Store.expired_agents, WriteBatch.forget_agent).
+AGENT_GONE: tuple[str, ...] = (NODE_LOST, NODE_LEFT)
 
 # jobs columns in table order, with their PostgreSQL types (for casts in VALUES lists).
 JOB_PG_TYPES: dict[str, str] = {
@@ -77,12 +81,9 @@ class Models:
         return [self.Meta, self.Job, self.JobEvent, self.Agent]
 
 
-def make_models(db: peewee.Database) -> Models:
-    """Build fresh Job, JobEvent, Agent and Meta model classes bound to db."""
-
-    # STRICT makes SQLite reject wrongly typed values as PostgreSQL does, so a bug shows up on
-    # the default backend too (SQLite >= 3.37; older versions get ordinary tables).
-    strict = isinstance(db, peewee.SqliteDatabase) and sqlite3.sqlite_version_info >= (3, 37)
+def make_models(db: peewee.Database, strict: bool = False) -> Models:
+    """Build fresh Job, JobEvent, Agent and Meta model classes bound to db; strict asks for
+    STRICT tables (storage.backends says which backends have them)."""
 
     class Base(peewee.Model):
         class Meta:
@@ -145,6 +146,7 @@ def make_models(db: peewee.Database) -> Models:
 
         class Meta:
             table_name = "agents"
+            indexes = ((("last_seen",), False),)  # the expiry scan (Store.expired_agents)
 
     class MetaKV(Base):
         key = peewee.TextField(primary_key=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -10,11 +9,13 @@ from typing import Any
 
 import peewee
 
+from bus.vocab import TERMINAL
+from storage.backends import backend_for
 from storage.batch import WriteBatch
-from storage.db import backend_of, open_database, redact_url
+from storage.db import redact_url
 from storage.errors import StorageError, one_line
 from storage.migrations import migrate
-from storage.models import AGENT_JSON, JOB_JSON, TERMINAL_STATES, make_models
+from storage.models import AGENT_GONE, AGENT_JSON, JOB_JSON, make_models
 from storage.rows import (
     agent_params,
     decode_json,
@@ -22,17 +23,8 @@ from storage.rows import (
     job_insert_params,
     job_update_groups,
 )
-from storage.writers import ID_MARK_KEY, BulkWriter, PostgresWriter, SqliteWriter
+from storage.writers import ID_MARK_KEY, BulkWriter
 
-_DB_ERRORS: tuple[type[BaseException], ...] = (peewee.PeeweeException, sqlite3.Error)
-try:
-    import psycopg2
-
-    _DB_ERRORS += (psycopg2.Error,)
-except ImportError:  # pragma: no cover - SQLite-only install
-    pass
-
-_OPEN_ERRORS: tuple[type[BaseException], ...] = (StorageError, *_DB_ERRORS)
 # Ids per IN list in reads, well under SQLite's bound-parameter limit.
 _READ_CHUNK = 500
 Row = dict[str, Any]
@@ -50,18 +42,25 @@ class Store:
     def __init__(self, url: str) -> None:
         """Open the database at url and migrate it; StorageError if that fails."""
         self.url = redact_url(url)
-        self.backend = backend_of(url)
-        self.db = open_database(url)
-        self.models = make_models(self.db)
-        self._writer: BulkWriter = (
-            SqliteWriter() if self.backend == "sqlite" else PostgresWriter()
-        )
+        self.kind = backend_for(url)
+        # What a failing database call may raise: turned into StorageError at this boundary.
+        self.errors: tuple[type[BaseException], ...] = (peewee.PeeweeException,
+                                                         *self.kind.errors)
+        self.db = self.kind.open(url)
+        self.models = make_models(self.db, strict=self.kind.strict_tables)
+        self._writer: BulkWriter = self.kind.writer()
+        failures: tuple[type[BaseException], ...] = (StorageError, *self.errors)
         try:
             self.db.connect(reuse_if_open=True)
             migrate(self.db, self.models)
-        except _OPEN_ERRORS as e:
+        except failures as e:
             self.close()
             raise StorageError(f"cannot open {self.url}: {one_line(e)}") from e
+
+    @property
+    def backend(self) -> str:
+        """The backend's name ('sqlite', 'postgresql'); its table entry is `kind`."""
+        return self.kind.name
 
     def __repr__(self) -> str:
         """Show backend and URL, never a password."""
@@ -80,7 +79,7 @@ class Store:
         """Close the connection (idempotent; a later call reconnects)."""
         try:
             self.db.close()
-        except _DB_ERRORS:
+        except self.errors:
             self.db.dispose()  # a dead connection: just forget it
 
     @contextmanager
@@ -91,7 +90,7 @@ class Store:
         except StorageError:
             self._drop_if_broken()
             raise
-        except _DB_ERRORS + extra as e:
+        except self.errors + extra as e:
             self._drop_if_broken()
             raise StorageError(f"{what} failed on {self.url}: {one_line(e)}") from e
 
@@ -104,9 +103,10 @@ class Store:
 
     def apply(self, batch: WriteBatch) -> None:
         """Write the whole batch in ONE transaction, or nothing and raise StorageError."""
-        # Order: inserts (+ their 'submitted' events), updates, events, agent upserts, deletes.
-        # Updates of missing ids are skipped; deletes remove terminal jobs only. The batch is
-        # never modified, so the caller can retry it as is.
+        # Order: inserts (+ their 'submitted' events), updates, events, agent upserts, deletes,
+        # agent forgets. Updates of missing ids are skipped; deletes remove terminal jobs only,
+        # forgets lost or left agents only (so one upserted alive in this batch stays). The
+        # batch is never modified, so the caller can retry it as is.
         if not batch:
             return
         with self._guard("apply", (Exception,)):
@@ -115,6 +115,7 @@ class Store:
             events = event_params(batch)
             agents = agent_params(batch.agents)
             deletes = list(batch.deletes)
+            forgets = list(batch.forgets)
             w = self._writer
             with self.db.atomic():
                 cur = self.db.cursor()
@@ -129,6 +130,8 @@ class Store:
                     w.upsert_agents(cur, agents)
                 if deletes:
                     w.delete_terminal_jobs(cur, deletes)
+                if forgets:
+                    w.forget_agents(cur, forgets)
 
     # -- reads -----------------------------------------------------------------------------
 
@@ -168,7 +171,7 @@ class Store:
     def load_unfinished(self) -> list[Row]:
         """Every job not in a terminal state, id ascending (the master's restart load)."""
         job = self.models.Job
-        query = job.select().where(job.state.not_in(sorted(TERMINAL_STATES)))
+        query = job.select().where(job.state.not_in(sorted(TERMINAL)))
         return self._jobs(query.order_by(job.id))
 
     def events_for(self, job_id: int) -> list[Row]:
@@ -208,6 +211,16 @@ class Store:
         job = self.models.Job
         with self._guard("retention scan"):
             query = (job.select(job.id)
-                     .where(job.state.in_(sorted(TERMINAL_STATES)) & (job.finished_at < cutoff))
+                     .where(job.state.in_(sorted(TERMINAL)) & (job.finished_at < cutoff))
                      .order_by(job.finished_at, job.id).limit(limit))
+            return [r[0] for r in query.tuples().iterator()]
+
+    def expired_agents(self, cutoff_wall: float, limit: int) -> list[str]:
+        """Up to limit names of agents lost or left with last_seen < cutoff_wall (epoch s),
+        longest gone first."""
+        agent = self.models.Agent
+        with self._guard("agent expiry scan"):
+            query = (agent.select(agent.name)
+                     .where(agent.state.in_(AGENT_GONE) & (agent.last_seen < cutoff_wall))
+                     .order_by(agent.last_seen, agent.name).limit(limit))
             return [r[0] for r in query.tuples().iterator()]

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from bus.vocab import SUBMITTED
 from storage.batch import WriteBatch
 from storage.errors import StorageError
 from storage.models import (
@@ -87,7 +88,7 @@ def event_params(batch: WriteBatch) -> list[Params]:
     """A creation event per insert ('submitted' unless the row names a reason), then the
     batch's events, in EVENT_COLUMNS order."""
     out: list[Params] = [
-        (r["id"], r["created_at"], None, r["state"], r.get("reason") or "submitted", None,
+        (r["id"], r["created_at"], None, r["state"], r.get("reason") or SUBMITTED, None,
          r.get("attempt", 0))
         for r in batch.inserts
     ]

@@ -1,12 +1,14 @@
-"""Set-based bulk writers on the raw DB-API cursor, one per backend (peewee's per-row cost is
-the bottleneck on SQLite, the per-statement round trip on PostgreSQL)."""
+"""Set-based bulk writers on the raw DB-API cursor, one per backend, named by its entry in
+storage.backends (peewee's per-row cost is the bottleneck on SQLite, the per-statement round trip
+on PostgreSQL)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from storage.models import AGENT_COLUMNS, EVENT_COLUMNS, JOB_COLUMNS, JOB_PG_TYPES, TERMINAL_STATES
+from bus.vocab import TERMINAL
+from storage.models import AGENT_COLUMNS, AGENT_GONE, EVENT_COLUMNS, JOB_COLUMNS, JOB_PG_TYPES
 from storage.rows import Params
 
 # Rows per statement on PostgreSQL: one round trip each, and a statement stays a few MB at most.
@@ -27,7 +29,9 @@ _ID_MARK = (
     "INSERT INTO meta (key, value) VALUES ({p}, {p}) ON CONFLICT (key) DO UPDATE "
     "SET value = excluded.value WHERE CAST(meta.value AS BIGINT) < CAST(excluded.value AS BIGINT)"
 )
-_TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL_STATES))
+_TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
+# Agent records that may be forgotten: an agent that came back since stays.
+_GONE = ", ".join(f"'{s}'" for s in AGENT_GONE)
 
 
 class BulkWriter(Protocol):
@@ -47,6 +51,9 @@ class BulkWriter(Protocol):
 
     def delete_terminal_jobs(self, cur: Any, ids: Sequence[int]) -> None:
         """Delete those of ids that are terminal jobs, with their events; live jobs stay."""
+
+    def forget_agents(self, cur: Any, names: Sequence[str]) -> None:
+        """Delete the records of those of names that are lost or left; the others stay."""
 
     def raise_id_mark(self, cur: Any, job_id: int) -> None:
         """Raise meta's job id high-water mark to job_id (never lower it)."""
@@ -86,6 +93,13 @@ class SqliteWriter:
             cur.execute(f"DELETE FROM job_events WHERE job_id IN ({doomed})", chunk)
             cur.execute(f"DELETE FROM jobs WHERE id IN ({doomed})", chunk)
 
+    def forget_agents(self, cur: Any, names: Sequence[str]) -> None:
+        """Delete the records of those of names that are lost or left; the others stay."""
+        for start in range(0, len(names), SQLITE_IN_CHUNK):
+            chunk = list(names[start:start + SQLITE_IN_CHUNK])
+            marks = ", ".join("?" * len(chunk))
+            cur.execute(f"DELETE FROM agents WHERE name IN ({marks}) AND state IN ({_GONE})",
+                        chunk)
 
     def raise_id_mark(self, cur: Any, job_id: int) -> None:
         """Raise meta's job id high-water mark to job_id (never lower it)."""
@@ -129,6 +143,11 @@ class PostgresWriter:
         doomed = f"SELECT id FROM jobs WHERE id = ANY(%s) AND state IN ({_TERMINAL})"
         cur.execute(f"DELETE FROM job_events WHERE job_id IN ({doomed})", (list(ids),))
         cur.execute(f"DELETE FROM jobs WHERE id IN ({doomed})", (list(ids),))
+
+    def forget_agents(self, cur: Any, names: Sequence[str]) -> None:
+        """Delete the records of those of names that are lost or left; the others stay."""
+        cur.execute(f"DELETE FROM agents WHERE name = ANY(%s) AND state IN ({_GONE})",
+                    (list(names),))
 
     def raise_id_mark(self, cur: Any, job_id: int) -> None:
         """Raise meta's job id high-water mark to job_id (never lower it)."""

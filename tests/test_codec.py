@@ -368,11 +368,13 @@ def test_default_max_body() -> None:
 # --------------------------------------------------------------------------- frames, header
 
 
-@pytest.mark.parametrize("count", [0, 1, 2, 4, 5])
-def test_wrong_frame_count_is_bad_body(count: int) -> None:
+@pytest.mark.parametrize(("count", "code"), [
+    (0, "bad_body"), (1, "bad_body"), (2, "bad_body"), (4, "too_large"), (5, "too_large")])
+def test_wrong_frame_count(count: int, code: str) -> None:
+    """Too few frames is a malformed body; more than three is over the whole-message cap."""
     good = encode("HEARTBEAT")
     frames = (good + [b"{}", b"{}"])[:count]
-    assert code_of(frames, AGENT_TO_MASTER) == "bad_body"
+    assert code_of(frames, AGENT_TO_MASTER) == code
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def test_reject_after_accept_is_refused_not_fatal() -> None:
 def test_hello_with_non_numeric_resources_is_refused() -> None:
     core = core_with_agent()
     core.on_agent(b"b/1", msg("HELLO", name="b", slots=1, resources={"cpus": "two"}), 0, 1000)
-    assert "b" not in core.by_name
+    assert core.agents.named("b") is None
     assert [m["code"] for m in sent(core) if m.command == "ERROR"] == ["bad_body"]
 
 
@@ -65,7 +65,8 @@ def test_a_job_reclaimed_after_restart_is_watched_by_the_backstop_again() -> Non
            "attempt": 1, "max_attempts": 3, "rejects": 0, "agent": "b",
            "extra": {"requires": "workload:sleep"}, "created_at": 990.0, "started_at": 995.0}
     core.recover([row], [], 0.0, 1000.0)
-    assert not core.backstop.watching(40)
+    assert not core.jobs.backstop.watching(40)
     core.on_agent(b"b/1", msg("HELLO", name="b", slots=1, workloads=["sleep"],
                               running=[{"id": 40, "attempt": 1}]), 1.0, 1001.0)
-    assert core.jobs[40].state == sm.RUNNING and core.backstop.watching(40)
+    job = core.jobs.get(40)
+    assert job is not None and job.state == sm.RUNNING and core.jobs.backstop.watching(40)

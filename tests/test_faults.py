@@ -351,9 +351,12 @@ def test_database_outage_refuses_requests_and_recovers_without_loss(
     _pg_admin(pg_server_url, f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
     wait_for(lambda: master.poll() is None and cluster.answers(), 20,
              message="master answering again after the database came back")
-    after = cluster.client.submit([{"scenario": "noop"}] * 3 + [sleep_spec(0.2)],
-                                  idempotency_key="during-outage")
-    assert cluster.client.submit([{"scenario": "noop"}], idempotency_key="during-outage") == after
+    specs = [{"scenario": "noop"}] * 3 + [sleep_spec(0.2)]
+    after = cluster.client.submit(specs, idempotency_key="during-outage")
+    assert cluster.client.submit(specs, idempotency_key="during-outage") == after
+    with pytest.raises(ClientError) as reused:  # the same key for other specs: refused
+        cluster.client.submit([{"scenario": "noop"}], idempotency_key="during-outage")
+    assert reused.value.code == "conflict", reused.value
     acknowledged = before + [short, long] + after
     final = cluster.wait_terminal(acknowledged, timeout=30)
     assert all(j["state"] == "completed" for j in final.values()), final

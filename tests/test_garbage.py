@@ -429,8 +429,9 @@ def test_absurd_reports_for_a_current_job_do_not_wedge_the_master(
     sock = dealer(ctx, cluster.agents_ep)
     ids = []
     try:
+        # One slot per report: a refused report leaves its job held, and credit <= free slots.
         sock.send_multipart([HEADER, b"HELLO", msgpack.packb(
-            {"name": "reporter", "slots": 1, "workloads": ["noop"]})])
+            {"name": "reporter", "slots": len(ABSURD_REPORTS), "workloads": ["noop"]})])
         collect_until(sock, lambda cmd, body: cmd == "WELCOME")
         for command, report, key in ABSURD_REPORTS:
             sock.send_multipart([HEADER, b"CREDIT", msgpack.packb({"n": 1})])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import msgpack
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -41,13 +40,9 @@ def core_with_agent(margin: float = 10.0, **hello: Any) -> MasterCore:
 
 
 def submit(core: MasterCore, raw: dict[str, Any], now: float = 0.0) -> Job:
-    v = validate_spec(raw)
-    job = Job(id=core.next_id, scenario=v.spec["scenario"], spec=msgpack.packb(v.spec),
-              state=sm.QUEUED, priority=v.priority, attempt=0, max_attempts=3,
-              requires=v.requires)
-    core.next_id += 1
-    core.jobs[job.id] = job
-    core.sched.push(job, now)
+    v = validate_spec({"max_attempts": 3, **raw})
+    job = core.jobs.get(core.jobs.create(v.spec, v.priority, v.requires, None, now, 1000.0))
+    assert job is not None
     return job
 
 
@@ -93,7 +88,7 @@ def test_limits_capability_follows_cgroup_and_policy() -> None:
     for cgroup, policy, has in (("v1", "required", True), ("v2", "best-effort", True),
                                 ("none", "best-effort", True), ("none", "required", False)):
         core = core_with_agent(cgroup=cgroup, limits=policy)
-        assert ("limits" in core.agents[IDENT].caps) is has
+        assert ("limits" in core.agents.get(IDENT).caps) is has
 
 
 def test_a_job_bigger_than_the_agent_is_not_sent_there() -> None:
@@ -115,7 +110,7 @@ def test_reject_for_resources_requeues_at_the_head_without_charging() -> None:
     core.on_agent(IDENT, msg("REJECT", id=job.id, attempt=1, reason="resources"), 0.1, 1000.1)
     assert (job.state, job.attempt, job.rejects) == (sm.QUEUED, 1, 1)
     assert sm.attempts_left(sm.Core(job.state, job.attempt, job.max_attempts, job.rejects)) == 3
-    assert core.sched.pick(lambda r: True, 0.2) is job and later.state == sm.ASSIGNED
+    assert core.jobs.sched.pick(lambda r: True, 0.2) is job and later.state == sm.ASSIGNED
 
 
 # ----------------------------------------------------------------------- timeout backstop
@@ -200,7 +195,7 @@ def test_jobs_without_timeout_or_done_in_time_are_left_alone() -> None:
         heartbeat(core, now)
         core.tick(now, 1000.0 + now)
     assert not [m for m in sent(core) if m.command == "CANCEL"]
-    assert untimed.state == sm.ASSIGNED and len(core.backstop) == 0
+    assert untimed.state == sm.ASSIGNED and len(core.jobs.backstop) == 0
 
 
 # ----------------------------------------------------------------------- cancel vs completion
@@ -213,7 +208,7 @@ def test_cancel_racing_done_yields_exactly_one_terminal_state(status: str, final
     core = core_with_agent()
     job = running_job(core, timeout=600)
     job.cancel_grace = 1.0
-    core.transition(job, sm.CANCEL, 2.0, 1002.0)  # what a client CANCEL does
+    core.jobs.transition(job, sm.CANCEL, 2.0, 1002.0)  # what a client CANCEL does
     core.on_agent(IDENT, msg("DONE", id=job.id, attempt=1, status=status), 2.1, 1002.1)
     # A second DONE (re-sent in a HELLO, or the cancelled one after a completed one) is ignored.
     core.on_agent(IDENT, msg("DONE", id=job.id, attempt=1, status="cancelled"), 2.2, 1002.2)

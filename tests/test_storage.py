@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bus.vocab import NODE_LEFT, NODE_LOST
 from storage import TERMINAL_STATES, StorageError, Store, WriteBatch
 from storage.migrations import SCHEMA_VERSION, migrate
 from storage.models import EVENT_COLUMNS, JOB_COLUMNS, JOB_DEFAULTS
@@ -274,14 +275,16 @@ EVENT = st.fixed_dictionaries({"job_id": IDS, "at": FLOAT, "to_state": STATES},
                               optional={"from_state": st.none() | STATES, "reason": st.none()
                                         | TEXT, "agent": st.none() | TEXT,
                                         "attempt": st.integers(0, 5)})
-AGENT = st.fixed_dictionaries({"state": st.sampled_from(["ready", "draining"]),
+AGENT = st.fixed_dictionaries({"state": st.sampled_from(["ready", "draining", NODE_LOST,
+                                                         NODE_LEFT]),
                                "slots": st.integers(0, 8), "last_seen": FLOAT},
                               optional={"info": st.dictionaries(TEXT, st.integers(), max_size=2),
                                         "first_seen": FLOAT})
 BATCH = st.builds(WriteBatch, st.lists(INSERT, max_size=4),
                   st.dictionaries(IDS, UPDATE, max_size=4), st.lists(EVENT, max_size=3),
                   st.dictionaries(st.sampled_from(["a", "b"]), AGENT, max_size=2),
-                  st.lists(IDS, max_size=3))
+                  st.lists(IDS, max_size=3), st.lists(st.sampled_from(["a", "b", "c"]),
+                                                      max_size=2))
 
 
 class Model:
@@ -320,6 +323,9 @@ class Model:
             if job_id in self.jobs and self.jobs[job_id]["state"] in TERMINAL_STATES:
                 del self.jobs[job_id]
                 self.events.pop(job_id, None)
+        for name in b.forgets:  # after the upserts; only records still lost or left go
+            if name in self.agents and self.agents[name]["state"] in (NODE_LOST, NODE_LEFT):
+                del self.agents[name]
         return True
 
 

@@ -1,13 +1,16 @@
-"""storage.db: URL parsing, defaults, SQLite pragmas, password redaction."""
+"""storage.db and storage.backends: URL parsing, defaults, SQLite pragmas, password
+redaction, the backend table."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import peewee
 import pytest
 
-from storage import StorageError, Store, default_db_url, open_database
+from storage import BACKENDS, StorageError, Store, backend_for, default_db_url, open_database
+from storage.backends import KNOWN, POSTGRESQL, SQLITE, backend_named
 from storage.db import redact_url
 
 
@@ -67,3 +70,18 @@ def test_password_never_shown() -> None:
     with pytest.raises(StorageError) as err:
         Store("postgresql://u:secret@127.0.0.1:1/d")
     assert "secret" not in str(err.value) and "***" in str(err.value)
+
+
+def test_backend_table_is_looked_up_by_scheme_and_name(tmp_path: Path) -> None:
+    assert set(BACKENDS) == {"sqlite", "postgresql", "postgres"}
+    for scheme, backend in BACKENDS.items():
+        assert scheme in backend.schemes and backend_named(scheme) is backend
+    assert len({b.name for b in KNOWN}) == len(KNOWN)
+    assert backend_for("POSTGRES://h/d") is POSTGRESQL and backend_named(" PG ") is POSTGRESQL
+    assert backend_for("sqlite:///x.db") is SQLITE and backend_named("mysql") is None
+    assert repr(SQLITE) == "Backend('sqlite')"
+    with pytest.raises(StorageError, match="use sqlite:///PATH or postgresql://"):
+        backend_for("mysql://x/y")
+    with Store(f"sqlite:///{tmp_path}/k.db") as s:
+        assert s.kind is SQLITE and s.backend == "sqlite" and "'sqlite'" in repr(s)
+        assert s.errors == (peewee.PeeweeException, sqlite3.Error)

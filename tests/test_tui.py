@@ -38,8 +38,8 @@ def test_dashboard_shows_agents_and_jobs_and_cancels(cluster: Cluster) -> None:
             await pilot.pause()
             nodes = app.query_one("#nodes", DataTable)
             jobs = app.query_one("#jobs", DataTable)
-            assert nodes.row_count == 1 and nodes.get_row_at(0)[0] == "dash-a"
-            assert [jobs.get_row_at(i)[2] for i in range(jobs.row_count)] == ["running",
+            assert nodes.row_count == 1 and str(nodes.get_row_at(0)[0]) == "dash-a"
+            assert [str(jobs.get_row_at(i)[2]) for i in range(jobs.row_count)] == ["running",
                                                                               "queued"]
             assert "agents 1" in str(app.query_one("#summary", Static).render())
             await pilot.press("d")  # cursor on the only agent: drain it (first, so the slot

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
@@ -11,9 +13,15 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from bus.client import Client, Subscriber
 from bus.errors import ClientError
+from bus.vocab import OPEN
 from tui.model import DashModel
 
 REFRESH_S = 1.0
+
+
+def _plain(row: Sequence[str]) -> list[Text]:
+    """Cells as plain Text: a DataTable parses str cells as markup, and names come from peers."""
+    return [Text(cell) for cell in row]
 
 
 class Dashboard(App[None]):
@@ -82,7 +90,7 @@ class Dashboard(App[None]):
             self.model.stats = self.client.stats()
             self.model.nodes = self.client.nodes()
             self.model.set_jobs(self.client.list_jobs(
-                states=["running", "assigned", "cancelling", "queued"], limit=200))
+                states=list(OPEN), limit=200))
             self.model.error = None
         except ClientError as e:
             self.model.error = f"{e.code}: {e.text}"
@@ -90,28 +98,28 @@ class Dashboard(App[None]):
         nodes = self.query_one("#nodes", DataTable)
         nodes.clear()
         for row in self.model.node_rows():
-            nodes.add_row(*row, key=row[0])
+            nodes.add_row(*_plain(row), key=row[0])
         self._render_jobs()
 
     def _render_jobs(self) -> None:
         jobs = self.query_one("#jobs", DataTable)
         jobs.clear()
         for row in self.model.job_rows():
-            jobs.add_row(*row, key=row[0])
+            jobs.add_row(*_plain(row), key=row[0])
 
     def _selected(self, table_id: str) -> str | None:
         table = self.query_one(table_id, DataTable)
         if table.row_count == 0:
             return None
         row: list[Any] = table.get_row_at(table.cursor_row)
-        return str(row[0])
+        return str(row[0])  # str() of a Text cell is its plain text
 
     def action_cancel_job(self) -> None:
         """Cancel the selected job."""
         job_id = self._selected("#jobs")
         if job_id is not None:
             result = self.client.cancel([int(job_id)])
-            self.notify(f"job {job_id}: {result[0]['result']}")
+            self.notify(f"job {job_id}: {result[0]['result']}", markup=False)
             self.action_refresh()
 
     def action_drain_node(self) -> None:
@@ -121,7 +129,7 @@ class Dashboard(App[None]):
             node = next((n for n in self.model.nodes if n["name"] == name), None)
             on = node is None or node["state"] != "draining"
             self.client.drain(name, on=on)
-            self.notify(f"agent {name}: {'draining' if on else 'accepting work'}")
+            self.notify(f"agent {name}: {'draining' if on else 'accepting work'}", markup=False)
             self.action_refresh()
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-STATE_ORDER = {"running": 0, "cancelling": 1, "assigned": 2, "queued": 3}
+from rich.text import Text
+
+from bus.vocab import ASSIGNED, CANCELLING, QUEUED, RUNNING, TERMINAL
+
+STATE_ORDER = {RUNNING: 0, CANCELLING: 1, ASSIGNED: 2, QUEUED: 3}
 
 
 def _bar(fraction: float, width: int = 12) -> str:
@@ -39,7 +43,7 @@ class DashModel:
                     extra[key] = body[key]
             return True
         if command == "STATE":
-            if body.get("state") in ("completed", "failed", "timed_out", "cancelled"):
+            if body.get("state") in TERMINAL:
                 del self.jobs[job["id"]]
             else:
                 job["state"] = body.get("state", job["state"])
@@ -47,17 +51,19 @@ class DashModel:
             return True
         return False
 
-    def summary(self) -> str:
-        """The header lines: queue, agents, slots, totals."""
+    def summary(self) -> Text:
+        """The header lines: queue, agents, slots, totals (plain text: never parsed as markup,
+        since error texts come from the network)."""
         if self.error:
-            return f"[b red]master unreachable[/]: {self.error}"
+            return Text.assemble(("master unreachable", "bold red"), f": {self.error}")
         s = self.stats
         by_state = s.get("jobs_by_state", {})
         queued = s.get("queued_by_priority", {})
-        return (f"agents {s.get('agents', 0)}   slots {s.get('slots_busy', 0)}/{s.get('slots', 0)}"
-                f" busy   queued high {queued.get('high', 0)} · normal {queued.get('normal', 0)}"
-                f" · low {queued.get('low', 0)}   retry wait {s.get('delayed', 0)}\n"
-                + "   ".join(f"{k} {v}" for k, v in sorted(by_state.items())))
+        return Text(
+            f"agents {s.get('agents', 0)}   slots {s.get('slots_busy', 0)}/{s.get('slots', 0)}"
+            f" busy   queued high {queued.get('high', 0)} · normal {queued.get('normal', 0)}"
+            f" · low {queued.get('low', 0)}   retry wait {s.get('delayed', 0)}\n"
+            + "   ".join(f"{k} {v}" for k, v in sorted(by_state.items())))
 
     def node_rows(self) -> list[tuple[str, ...]]:
         """One row per agent."""

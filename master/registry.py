@@ -1,0 +1,279 @@
+"""The agents registry: the only writer of agent records (HELLO, identity, credit, drop, drain).
+
+Identity (docs/protocol.md "Agent identity"): with CURVE an agent's name is its key's name; a
+HELLO under another key's name is refused with ERROR forbidden. Without keys a name belongs to
+one live connection: a second process claiming a connected name gets ERROR name_taken, while the
+same process (same HELLO `instance`) on a new connection, or a newcomer whose predecessor's
+connection is gone, takes the name over and reconciles its attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from bus import vocab
+from master.agents import AgentConn
+from master.config import MasterConfig
+from master.metrics import MasterMetrics
+from master.outbox import AGENT, Outbox
+
+log = logging.getLogger("ffrtmp.master")
+
+if TYPE_CHECKING:
+    from bus.security import Peer
+
+MAX_SLOTS = 4096
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
+# HELLO field -> (most items, longest item): what one agent may make the master keep.
+LIST_LIMITS = {"workloads": (64, 64), "encoders": (512, 64)}
+MAX_TEXT = {"version": 64, "instance": 64, "cgroup": 32, "limits": 32}
+MAX_RESOURCES = 32
+MAX_REPORTED = 10_000  # HELLO.running and HELLO.results entries
+NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ : @ -, starting with a letter or digit"
+
+
+def check_hello(body: dict[str, Any]) -> str | None:
+    """The first HELLO field out of bounds, as an ERROR text; None if all fit."""
+    name = body["name"]
+    if not NAME_RE.fullmatch(name):
+        return f"HELLO.name: {NAME_RULE}"
+    for key, most in MAX_TEXT.items():
+        value = body.get(key, "")
+        if not isinstance(value, str) or len(value) > most or not value.isprintable():
+            return f"HELLO.{key}: a string of at most {most} printable characters"
+    if not 0 <= body["slots"] <= MAX_SLOTS:
+        return f"HELLO.slots: 0 to {MAX_SLOTS}"
+    for key, (count, size) in LIST_LIMITS.items():
+        items = body[key]
+        if len(items) > count or not all(
+                isinstance(i, str) and 0 < len(i) <= size and i.isprintable() for i in items):
+            return f"HELLO.{key}: at most {count} names of 1-{size} printable characters"
+    res = body["resources"]
+    if len(res) > MAX_RESOURCES or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, int | float)
+            and not isinstance(v, bool) and 0 <= v < 2**53 for k, v in res.items()):
+        return f"HELLO.resources: at most {MAX_RESOURCES} names with numbers 0 to 2^53"
+    for key in ("running", "results"):
+        if len(body[key]) > MAX_REPORTED:
+            return f"HELLO.{key}: at most {MAX_REPORTED} entries"
+    return None
+
+
+class AgentRegistry:
+    """Connected agents by connection and by name, plus the drained names."""
+
+    def __init__(self, cfg: MasterConfig, outbox: Outbox, metrics: MasterMetrics) -> None:
+        self.cfg = cfg
+        self.out = outbox
+        self.metrics = metrics
+        self._conns: dict[bytes, AgentConn] = {}
+        self._by_name: dict[str, AgentConn] = {}
+        self._drained: set[str] = set()
+        # Is this connection still there? (the server tries a send; pure tests say no)
+        self.probe: Callable[[bytes], bool] = lambda ident: False
+        self._told: set[tuple[str, str]] = set()  # (name, instance) refusals already logged
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    def get(self, ident: bytes) -> AgentConn | None:
+        """The connection with this identity, or None."""
+        return self._conns.get(ident)
+
+    def named(self, name: str) -> AgentConn | None:
+        """The connected agent with this name, or None."""
+        return self._by_name.get(name)
+
+    def __iter__(self) -> Iterator[AgentConn]:
+        return iter(list(self._conns.values()))
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def totals(self) -> tuple[int, int]:
+        """(slots, busy slots) over connected agents."""
+        conns = self._conns.values()
+        return sum(c.slots for c in conns), sum(len(c.jobs) for c in conns)
+
+    def views(self, now: float) -> list[dict[str, Any]]:
+        """NODES views of the connected agents."""
+        return [c.node_view(now) for c in self._conns.values()]
+
+    def ready(self) -> list[AgentConn]:
+        """Connections with credit that are not draining, in arrival order."""
+        return [c for c in self._conns.values() if c.credit > 0 and not c.draining]
+
+    # ---- records ----------------------------------------------------------------------------
+
+    def recover(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Restore which names are draining from stored agent records."""
+        self._drained = {a["name"] for a in rows if a.get("state") == vocab.NODE_DRAINING}
+
+    def _save(self, conn: AgentConn, wall: float, state: str) -> None:
+        self.out.batch.agents[conn.name] = {
+            "name": conn.name, "state": state, "slots": conn.slots, "info": conn.info,
+            "first_seen": conn.first_seen_wall, "last_seen": wall}
+
+    def _event(self, name: str, event: str) -> None:
+        self.out.publish(f"agent.{name}", "AGENT", {"name": name, "event": event})
+
+    def _refuse(self, ident: bytes, code: str, text: str, key: tuple[str, str]) -> None:
+        self.out.send(AGENT, ident, "ERROR", {"code": code, "text": text})
+        self.metrics.hellos_refused.labels(code).inc()
+        if key not in self._told and len(self._told) < 10_000:
+            self._told.add(key)
+            log.warning("refused HELLO: %s", text)
+
+    # ---- HELLO ------------------------------------------------------------------------------
+
+    def hello(self, ident: bytes, body: dict[str, Any], peer: Peer | None, now: float,
+              wall: float) -> AgentConn | None:
+        """Register a connection; None (and an ERROR sent) if the HELLO is refused.
+
+        The returned connection has no jobs yet: the caller reconciles `running`/`results`.
+        """
+        if (text := check_hello(body)) is not None:
+            self.out.send(AGENT, ident, "ERROR", {"code": "bad_body", "text": text})
+            self.metrics.hellos_refused.labels("bad_body").inc()
+            return None
+        name, instance = body["name"], body.get("instance", "")
+        if peer is not None and peer.name != name:
+            self._refuse(ident, "forbidden",
+                         f"agent key {peer.name!r} may not act as agent {name!r} (an agent's "
+                         "name is its key's name)", (name, f"key:{peer.name}"))
+            return None
+        old = self._by_name.get(name)
+        if old is not None and old.ident != ident:
+            same_process = bool(instance) and instance == old.instance
+            if not same_process and self.probe(old.ident):
+                self._refuse(ident, "name_taken",
+                             f"agent name {name!r} is already connected (instance "
+                             f"{old.instance or '?'}); give this agent another --name",
+                             (name, instance))
+                return None
+            self._conns.pop(old.ident, None)  # a stale connection of this name: replaced
+        caps = frozenset([f"workload:{w}" for w in body["workloads"]]
+                         + [f"encoder:{e}" for e in body["encoders"]]
+                         # it holds jobs to their limits (cgroups), or runs them and says not
+                         + (["limits"] if body["cgroup"] != "none"
+                            or body["limits"] == "best-effort" else []))
+        info = {k: body[k] for k in ("version", "resources", "workloads", "encoders",
+                                     "cgroup", "limits")}
+        conn = AgentConn(ident=ident, name=name, slots=body["slots"], caps=caps, info=info,
+                         last_seen=now, last_sent=now, draining=name in self._drained,
+                         first_seen_wall=old.first_seen_wall if old else wall,
+                         instance=instance)
+        self._conns[ident] = conn
+        self._by_name[name] = conn
+        self.out.send(AGENT, ident, "WELCOME", {"heartbeat_s": self.cfg.heartbeat_s,
+                                                "liveness": self.cfg.liveness,
+                                                "master": "ffrtmp"})
+        # Either way: an agent that was away may have missed a DRAIN on or off.
+        self.out.send(AGENT, ident, "DRAIN", {"on": conn.draining})
+        self._save(conn, wall, vocab.NODE_DRAINING if conn.draining else vocab.NODE_ALIVE)
+        self._event(name, "joined")
+        self.metrics.agent_joins.inc()
+        return conn
+
+    # ---- credit, jobs, acks -----------------------------------------------------------------
+
+    def credit(self, conn: AgentConn, n: int) -> None:
+        """Grant credit, never beyond the agent's free slots (the excess is counted, not kept)."""
+        if n <= 0 or n > MAX_SLOTS:
+            self.out.send(AGENT, conn.ident, "ERROR",
+                          {"code": "bad_body", "text": f"CREDIT.n: 1 to {MAX_SLOTS}"})
+            return
+        room = max(0, conn.slots - len(conn.jobs) - conn.credit)
+        if n > room:
+            self.metrics.credit_capped.inc(n - room)
+            n = room
+        conn.credit += n
+
+    def took(self, conn: AgentConn, job_id: int, now: float) -> None:
+        """A JOB went to this connection: it holds the job and spent one credit."""
+        conn.jobs.add(job_id)
+        conn.credit -= 1
+        conn.last_sent = now
+
+    def hold(self, conn: AgentConn, job_id: int) -> None:
+        """The agent still runs this attempt (HELLO reconciliation)."""
+        conn.jobs.add(job_id)
+
+    def release(self, job_id: int, name: str) -> None:
+        """The job's assignment on agent `name` ended."""
+        conn = self._by_name.get(name)
+        if conn is not None:
+            conn.jobs.discard(job_id)
+
+    def ack(self, conn: AgentConn, job_id: int, attempt: int) -> None:
+        """A DONE to acknowledge in this turn's DONE_ACK."""
+        conn.acks.append([job_id, attempt])
+
+    def flush_acks(self) -> None:
+        """One DONE_ACK per agent per turn."""
+        for conn in self._conns.values():
+            if conn.acks:
+                self.out.send(AGENT, conn.ident, "DONE_ACK", {"acks": conn.acks})
+                conn.acks = []
+
+    # ---- liveness, drop, drain --------------------------------------------------------------
+
+    def seen(self, conn: AgentConn, now: float) -> None:
+        """Any message counts as a heartbeat."""
+        conn.last_seen = now
+
+    def seen_all(self, now: float) -> None:
+        """Our own silence (a stalled commit) is not the agents' death."""
+        for conn in self._conns.values():
+            conn.last_seen = now
+
+    def liveness(self, now: float) -> list[AgentConn]:
+        """Send due heartbeats; return the connections silent past dead_after_s."""
+        dead = []
+        for conn in self._conns.values():
+            if now - conn.last_seen > self.cfg.dead_after_s:
+                log.warning("agent %s silent for %.1fs: lost", conn.name,
+                            now - conn.last_seen)
+                dead.append(conn)
+            elif now - conn.last_sent >= self.cfg.heartbeat_s:
+                conn.last_sent = now
+                self.out.send(AGENT, conn.ident, "HEARTBEAT", {})
+        return dead
+
+    def drop(self, conn: AgentConn, wall: float, lost: bool) -> list[int]:
+        """Forget a connection (lost, or left with BYE); returns the job ids it held."""
+        if self._conns.get(conn.ident) is not conn:
+            return []
+        del self._conns[conn.ident]
+        if self._by_name.get(conn.name) is conn:
+            del self._by_name[conn.name]
+        held = sorted(conn.jobs)
+        conn.jobs.clear()
+        event = vocab.NODE_LOST if lost else vocab.NODE_LEFT
+        self._save(conn, wall, event)
+        self._event(conn.name, event)
+        if lost:
+            self.metrics.agents_lost.inc()
+        return held
+
+    def drain(self, name: str, on: bool, stored: dict[str, Any] | None, wall: float) -> bool:
+        """Drain (or resume) an agent by name; False if it is neither connected nor stored."""
+        conn = self._by_name.get(name)
+        if conn is None and stored is None:
+            return False
+        if on:
+            self._drained.add(name)
+        else:
+            self._drained.discard(name)
+        if conn is not None:
+            conn.draining = on
+            self.out.send(AGENT, conn.ident, "DRAIN", {"on": on})
+            self._save(conn, wall, vocab.NODE_DRAINING if on else vocab.NODE_ALIVE)
+        else:
+            assert stored is not None
+            self.out.batch.agents[name] = {**stored, "state": vocab.NODE_DRAINING if on
+                                           else vocab.NODE_LOST}
+        self._event(name, "draining" if on else "resumed")
+        return True
