@@ -69,6 +69,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def default_name(key_file: str | None) -> str:
+    """The agent's name when --name is not given: with CURVE the master binds a name to its key
+    (DIR/private/NAME.key_secret is agent NAME), so the key's name; else the host name."""
+    stem = Path(key_file).name.removesuffix(".key_secret") if key_file else ""
+    return stem or socket.gethostname()
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM/SIGINT."""
     if args.slots < 1:
@@ -81,9 +88,8 @@ def run(args: argparse.Namespace) -> int:
             keys = load_peer(args.key, args.master_key)
         except KeyMaterialError as e:
             raise SystemExit(f"ffrtmp agent: {e}") from e
-    if args.name is None:  # with keys the master binds the name to the key: default to it
-        stem = Path(args.key).name.removesuffix(".key_secret") if args.key else ""
-        args.name = stem or socket.gethostname()
+    if args.name is None:
+        args.name = default_name(args.key)
     work_dir = args.work_dir or _default_work_dir()
     cfg = AgentConfig(
         work_dir=work_dir, ffmpeg=args.ffmpeg, keys=keys, stall_s=args.stall_timeout,

@@ -15,6 +15,7 @@ SIGNATURE = b"FFR"
 HEADER = SIGNATURE + bytes(PROTOCOL_VERSION)
 MAX_COMMAND_LEN = 16
 MAX_DEPTH = 32
+MAX_ITEMS = 100_000  # entries of any one array or map in a body (SUBMIT holds <= 10 000 specs)
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
 
@@ -86,8 +87,9 @@ def _command(raw: bytes, schemas: dict[str, Schema]) -> str:
 
 def _unpack(raw: bytes) -> dict[str, Any]:
     try:
-        body = msgpack.unpackb(
-            raw, raw=False, strict_map_key=True, use_list=True
+        body = msgpack.unpackb(  # element caps bound the CPU and memory of one decode
+            raw, raw=False, strict_map_key=True, use_list=True,
+            max_array_len=MAX_ITEMS, max_map_len=MAX_ITEMS,
         )
     except Exception as e:  # msgpack raises a zoo of types for garbage; all mean the same
         raise ProtocolError("bad_body", f"body is not valid msgpack: {type(e).__name__}") from e

@@ -16,6 +16,7 @@ DEFAULT_EVENTS = "tcp://127.0.0.1:5557"
 AGENT_MAX_MSG = 1024 * 1024
 CLIENT_MAX_MSG = 8 * 1024 * 1024
 HWM = 100_000
+PEER_RCVHWM = 10_000  # messages one peer may have waiting at the master's ROUTERs
 
 
 class BindError(Exception):
@@ -78,7 +79,7 @@ def bind_router(
     sock.setsockopt(zmq.MAXMSGSIZE, max_msg)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, sndhwm)
-    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, PEER_RCVHWM)  # per peer: what one peer may have waiting
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     _bind(sock, endpoint, insecure, security, domain)
     return sock
@@ -90,6 +91,7 @@ def bind_pub(ctx: zmq.Context, endpoint: str, insecure: bool = False,
     """The events PUB socket; a subscriber that does not read loses events past `sndhwm`."""
     sock = ctx.socket(zmq.PUB)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, 1024)  # subscriptions are short topic prefixes
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     _bind(sock, endpoint, insecure, security, domain)
     return sock

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from bus.security import Peer
 
 __all__ = ["AGENT", "CLIENT", "MasterCore", "stored_extra"]
+
+MAX_REASON = 200  # characters of an agent's DONE/REJECT reason
 
 
 class MasterCore:
@@ -87,6 +90,11 @@ class MasterCore:
         self.agents.seen(conn, now)
         if cmd == "CREDIT":
             self.agents.credit(conn, msg["n"])
+        elif cmd in ("DONE", "REJECT") and len(msg.get("reason") or "") > MAX_REASON:
+            self.out.send(AGENT, ident, "ERROR", {"code": "bad_body", "text":
+                          f"{cmd}.reason: at most {MAX_REASON} characters"})
+            if cmd == "DONE":  # a result is never lost for its text: keep the rest of it
+                self._done(conn, {**msg.body, "reason": msg["reason"][:MAX_REASON]}, now, wall)
         elif cmd == "DONE" and (field := _unstorable_text(msg.body)) is not None:
             # A result must never be lost for a text we cannot store: keep the rest of it.
             log.warning("agent %s: DONE.%s not storable; dropped that field", conn.name, field)
@@ -102,7 +110,8 @@ class MasterCore:
         elif cmd == "BYE":
             self._drop(conn, now, wall, lost=False)
         elif cmd == "ERROR":
-            log.warning("agent %s reports error %s: %s", conn.name, msg["code"], msg["text"])
+            log.warning("agent %s reports error %.40s: %.200s", conn.name, msg["code"],
+                        msg["text"])
 
     def _attempt_message(self, conn: AgentConn, msg: Message, now: float, wall: float) -> None:
         cmd = msg.command
@@ -129,7 +138,7 @@ class MasterCore:
     def _done(self, conn: AgentConn, body: dict[str, Any], now: float, wall: float) -> None:
         self.agents.ack(conn, body["id"], body["attempt"])
         if body["status"] not in vocab.STATUSES:
-            log.warning("agent %s sent DONE with status %r", conn.name, body["status"])
+            log.warning("agent %s sent DONE with status %.40r", conn.name, body["status"])
             return
         job = self.jobs.current(body["id"], body["attempt"], conn.name)
         if job is not None:
@@ -294,6 +303,10 @@ def _unstorable(body: dict[str, Any]) -> str | None:
         value = body.get(key, 0)
         if not isinstance(value, int) or not 0 <= value < 2**63:
             return f"{key} must be 0 to 2^63-1"
+    for key in ("progress", "fps", "speed", "out_time_s", "duration_s"):
+        value = body.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key} must be a finite number"
     code = body.get("exit_code")
     if code is not None and not -(2**31) <= code < 2**31:
         return "exit_code must be a 32-bit integer"
@@ -304,7 +317,7 @@ def _unstorable(body: dict[str, Any]) -> str | None:
 def _storable(value: Any) -> bool:
     """True if the store can keep value: JSON-encodable, no NUL (PostgreSQL text refuses it)."""
     try:
-        text = json.dumps(value)
+        text = json.dumps(value, allow_nan=False)  # NaN is not JSON for other readers
     except (TypeError, ValueError):
         return False
     return "\\u0000" not in text.replace("\\\\", "")  # a NUL, not an escaped backslash + u0000

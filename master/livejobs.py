@@ -21,6 +21,9 @@ from master.outbox import Outbox
 from master.scheduler import Job, Scheduler
 from master.sla import SlaPolicy
 
+# Keys of a job's `extra` that the master writes; an agent's DONE.extra cannot replace them.
+RESERVED = frozenset({"requires", "retry_of", "sla_met"})
+
 # DONE.status -> the state machine's input.
 DONE_EVENTS = {
     vocab.COMPLETED: sm.COMPLETE,
@@ -128,11 +131,14 @@ class LiveJobs:
         """Reload non-terminal jobs after a start (queued ones go back to their queue)."""
         for row in rows:
             extra = row.get("extra") or {}
+            requires = extra.get("requires")
+            if not isinstance(requires, str):  # never trust a stored value blindly
+                requires = f"workload:{row['scenario']}"
             job = Job(
                 id=row["id"], scenario=row["scenario"], spec=msgpack.packb(row["spec"]),
                 state=row["state"], priority=row["priority"], attempt=row["attempt"],
                 max_attempts=row["max_attempts"], rejects=row.get("rejects") or 0,
-                requires=extra.get("requires", f"workload:{row['scenario']}"),
+                requires=requires,
                 extra={k: v for k, v in extra.items() if k != "requires"},
                 agent=row.get("agent"), progress=row.get("progress") or 0.0,
                 bytes_in=row.get("bytes_in") or 0, bytes_out=row.get("bytes_out") or 0,
@@ -248,8 +254,8 @@ class LiveJobs:
         if event == sm.COMPLETE:
             job.progress = 1.0
         job.bytes_in, job.bytes_out = body["bytes_in"], body["bytes_out"]
-        extra = {**stored_extra(job), **(body.get("extra") or {}),
-                 "duration_s": body["duration_s"]}
+        reported = {k: v for k, v in (body.get("extra") or {}).items() if k not in RESERVED}
+        extra = {**stored_extra(job), **reported, "duration_s": body["duration_s"]}
         self.hooks.job_done(job, body["status"], reason, body["duration_s"], job.agent or "")
         self.transition(job, event, now, wall, reason=reason, exit_code=body.get("exit_code"),
                         bytes_in=job.bytes_in, bytes_out=job.bytes_out, extra=extra)

@@ -62,6 +62,12 @@ def check_hello(body: dict[str, Any]) -> str | None:
     return None
 
 
+def _attempts(running: list[Any]) -> int:
+    """How many distinct well-formed {id, attempt} entries HELLO.running holds."""
+    return len({(r["id"], r["attempt"]) for r in running if isinstance(r, dict)
+                and isinstance(r.get("id"), int) and isinstance(r.get("attempt"), int)})
+
+
 class AgentRegistry:
     """Connected agents by connection and by name, plus the drained names."""
 
@@ -139,6 +145,16 @@ class AgentRegistry:
             self.metrics.hellos_refused.labels("bad_body").inc()
             return None
         name, instance = body["name"], body.get("instance", "")
+        if _attempts(body["running"]) > body["slots"]:
+            self.out.send(AGENT, ident, "ERROR", {"code": "bad_body", "text":
+                          "HELLO.running: more attempts than slots"})
+            self.metrics.hellos_refused.labels("bad_body").inc()
+            return None
+        current = self._conns.get(ident)
+        if current is not None and current.name != name:
+            self._refuse(ident, "conflict", f"this connection is agent {current.name!r}: a "
+                         "connection's name never changes", (name, f"conn:{current.name}"))
+            return None
         if peer is not None and peer.name != name:
             self._refuse(ident, "forbidden",
                          f"agent key {peer.name!r} may not act as agent {name!r} (an agent's "
@@ -149,8 +165,8 @@ class AgentRegistry:
             same_process = bool(instance) and instance == old.instance
             if not same_process and self.probe(old.ident):
                 self._refuse(ident, "name_taken",
-                             f"agent name {name!r} is already connected (instance "
-                             f"{old.instance or '?'}); give this agent another --name",
+                             f"agent name {name!r} is already connected from another "
+                             "process; give this agent another --name",
                              (name, instance))
                 return None
             self._conns.pop(old.ident, None)  # a stale connection of this name: replaced

@@ -8,6 +8,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -284,23 +285,40 @@ class Master:
             self.core.out.send(kind, ident, "ERROR", body)
             return None
 
-    def _serve_agents(self, now: float, wall: float) -> None:
-        """Every agent message waiting, up to max_messages_per_turn."""
-        assert self.agents is not None
+    def _incoming(self, sock: zmq.Socket, kind: str, max_msg: int, most: int,
+                  deadline: float = float("inf")) -> Iterator[tuple[bytes, Any, str | None]]:
+        """Decoded messages waiting on a socket as (identity, message, User-Id): at most `most`
+        read, none started after `deadline` (perf_counter); bad ones are answered and skipped."""
         received = 0
-        for _ in range(self.cfg.max_messages_per_turn):
-            got = self._recv(self.agents, AGENT, AGENT_MAX_MSG)
+        while received < most and time.perf_counter() < deadline:
+            got = self._recv(sock, kind, max_msg)
             if got is None:
                 break
             received += 1
             ident, rest, user = got
-            msg = self._decode(AGENT, ident, rest)
-            if msg is None:
-                continue
-            peer: Peer | None = parse_user_id(user) if user else None
-            self.core.on_agent(ident, msg, now, wall, peer)
+            msg = self._decode(kind, ident, rest)
+            if msg is not None:
+                yield ident, msg, user
         if received:  # one counter update per drain: labels() per message costs ~3 µs
-            self.metrics.messages.labels(AGENT, "in").inc(received)
+            self.metrics.messages.labels(kind, "in").inc(received)
+
+    def _unidentified(self, kind: str, ident: bytes, msg: Any) -> None:
+        """With keys, a message whose key names no peer of this socket is refused (fail closed)."""
+        self.metrics.bad_frames.labels(kind, "forbidden").inc()
+        self.core.out.send(kind, ident, "ERROR", {
+            "code": "forbidden", "rid": msg.get("rid"), "command": msg.command,
+            "text": "this connection's key names no peer of this socket"})
+
+    def _serve_agents(self, now: float, wall: float) -> None:
+        """Every agent message waiting, up to max_messages_per_turn."""
+        assert self.agents is not None
+        for ident, msg, user in self._incoming(self.agents, AGENT, AGENT_MAX_MSG,
+                                               self.cfg.max_messages_per_turn):
+            peer: Peer | None = parse_user_id(user) if user else None
+            if self.security is not None and (peer is None or peer.role != "agent"):
+                self._unidentified(AGENT, ident, msg)
+                continue
+            self.core.on_agent(ident, msg, now, wall, peer)
 
     def _serve_clients(self, now: float, wall: float) -> None:
         """Client requests within the turn's budget (count and time); fair share per client.
@@ -313,16 +331,8 @@ class Master:
         cfg = self.cfg
         deadline = time.perf_counter() + cfg.client_turn_s
         per_client: dict[bytes, int] = {}
-        received = 0
-        while received < cfg.client_turn_messages and time.perf_counter() < deadline:
-            got = self._recv(self.clients, CLIENT, CLIENT_MAX_MSG)
-            if got is None:
-                break
-            received += 1
-            ident, rest, user = got
-            msg = self._decode(CLIENT, ident, rest)
-            if msg is None:
-                continue
+        for ident, msg, user in self._incoming(self.clients, CLIENT, CLIENT_MAX_MSG,
+                                               cfg.client_turn_messages, deadline):
             seen = per_client[ident] = per_client.get(ident, 0) + 1
             if seen > cfg.client_messages_per_turn:
                 self.metrics.client_busy.inc()
@@ -332,9 +342,10 @@ class Master:
                             "retry after the replies you are waiting for"})
                 continue
             peer = parse_user_id(user) if user else None
+            if self.security is not None and (peer is None or peer.role == "agent"):
+                self._unidentified(CLIENT, ident, msg)
+                continue
             self.requests.handle(ident, msg, now, wall, peer.role if peer else None)
-        if received:
-            self.metrics.messages.labels(CLIENT, "in").inc(received)
 
     def _trim(self) -> None:
         """libzmq assembles a multipart message whole before handing it over, so an oversize

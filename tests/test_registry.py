@@ -116,3 +116,84 @@ def test_a_refused_hello_leaves_no_record_and_no_event() -> None:
     batch, outbox, events = core.take_output()
     assert not batch.agents and not events
     assert [decode(f, MASTER_TO_AGENT).command for _, _, f in outbox] == ["ERROR"]
+
+
+def test_an_agent_with_a_key_is_named_after_it_by_default() -> None:
+    import socket
+
+    from agent.cli import default_name
+
+    assert default_name("/keys/private/gpu-7.key_secret") == "gpu-7"
+    assert default_name(None) == socket.gethostname()
+
+
+# ---- from the adversarial review of this change (each failed before its fix) ---------------
+
+
+def test_an_agents_done_extra_cannot_replace_what_the_master_keeps() -> None:
+    core = core_with_agent()
+    job = submit(core, {"scenario": "sleep", "params": {"seconds": 1}})
+    core.dispatch(0.0, 1000.0)
+    core.on_agent(b"a1/0001", msg("DONE", id=job.id, attempt=1, status="failed",
+                                  reason="exit_code", extra={"requires": {}, "note": 1}),
+                  1.0, 1001.0)
+    batch, _, _ = core.take_output()
+    stored = batch.updates[job.id]["extra"]
+    assert stored["requires"] == "workload:sleep" and stored["note"] == 1
+    # And a stored value that is not a requirement string never reaches the scheduler.
+    core.recover([{"id": 99, "scenario": "sleep", "spec": {}, "state": sm.QUEUED, "priority": 1,
+                   "attempt": 0, "max_attempts": 3, "extra": {"requires": {}}}], [], 2.0, 1002.0)
+    assert core.jobs.get(99).requires == "workload:sleep"  # type: ignore[union-attr]
+
+
+def test_a_connection_cannot_rename_itself() -> None:
+    core = core_with_agent()
+    core.on_agent(b"a1/0001", msg("HELLO", name="z1", slots=4), 1.0, 1001.0)
+    (code, _), = errors(core)
+    assert code == "conflict"
+    assert core.agents.named("z1") is None and core.agents.named("a1") is not None
+
+
+def test_name_taken_does_not_reveal_the_holders_instance() -> None:
+    core = core_with_agent()
+    core.agents.probe = lambda ident: True
+    core.on_agent(b"x", msg("HELLO", **HELLO, instance="secret123"), 0.0, 1000.0)
+    sent(core)
+    core.on_agent(b"y", msg("HELLO", **HELLO, instance="guess"), 0.1, 1000.1)
+    (code, text), = errors(core)
+    assert code == "name_taken" and "secret123" not in text
+
+
+def test_hello_cannot_report_more_running_attempts_than_slots() -> None:
+    core = core_with_agent()
+    running = [{"id": 10**9 + i, "attempt": 1} for i in range(5000)]
+    core.on_agent(b"r", msg("HELLO", name="r", slots=2, running=running), 0.0, 1000.0)
+    out = sent(core)
+    assert [m.command for m in out] == ["ERROR"] and "HELLO.running" in out[0]["text"]
+
+
+def test_long_reasons_and_nan_figures_are_refused_not_stored() -> None:
+    core = core_with_agent()
+    job = submit(core, {"scenario": "sleep", "params": {"seconds": 1}})
+    core.dispatch(0.0, 1000.0)
+    sent(core)
+    core.on_agent(b"a1/0001", msg("PROGRESS", id=job.id, attempt=1, fps=float("nan")), 1, 1001)
+    core.on_agent(b"a1/0001", msg("DONE", id=job.id, attempt=1, status="failed",
+                                  reason="x" * 5000), 2.0, 1002.0)
+    codes = errors(core)
+    assert [c for c, _ in codes] == ["bad_body", "bad_body"] and "reason" in codes[1][1]
+    batch, _, _ = core.take_output()
+    assert all(len(e["reason"] or "") <= 200 for e in batch.events)
+
+
+def test_huge_arrays_are_refused_before_they_cost_anything() -> None:
+    import msgpack
+
+    from bus.codec import HEADER
+    from bus.errors import ProtocolError
+    from bus.schemas import CLIENT_TO_MASTER
+
+    body = msgpack.packb({"rid": 1, "x": [[]] * 1_000_000})
+    with pytest.raises(ProtocolError) as e:
+        decode([HEADER, b"STATS", body], CLIENT_TO_MASTER)
+    assert e.value.code == "bad_body"
