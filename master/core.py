@@ -23,9 +23,9 @@ from bus.schemas import AGENT_TO_MASTER
 from master import state as sm
 from master.agents import AgentConn
 from master.config import MasterConfig
-from master.livejobs import LiveJobs, stored_extra
+from master.livejobs import LiveJobs
 from master.metrics import MasterMetrics
-from master.outbox import AGENT, CLIENT, Outbox, Outgoing
+from master.outbox import AGENT, Outbox, Outgoing
 from master.registry import AgentRegistry
 from master.scheduler import Job
 from storage import WriteBatch
@@ -34,8 +34,6 @@ log = logging.getLogger("ffrtmp.master")
 
 if TYPE_CHECKING:
     from bus.security import Peer
-
-__all__ = ["AGENT", "CLIENT", "MasterCore", "stored_extra"]
 
 MAX_REASON = 200  # characters of an agent's DONE/REJECT reason
 

@@ -10,7 +10,8 @@ from bus.codec import Message, encode
 from bus.errors import FfrtmpError
 from bus.sockets import CLIENT_MAX_MSG
 from master.agents import node_view
-from master.core import CLIENT, MasterCore
+from master.core import MasterCore
+from master.outbox import CLIENT
 from master.spec import ScenarioCheck, SpecError, validate_spec
 from master.views import event_view, job_view
 from storage import StorageError, Store

@@ -27,8 +27,9 @@ from bus.sockets import (
     check_http_bind,
 )
 from master.config import MasterConfig
-from master.core import AGENT, CLIENT, MasterCore
+from master.core import MasterCore
 from master.metrics import MasterMetrics
+from master.outbox import AGENT, CLIENT
 from master.requests import Requests
 from master.retention import Maintenance, Retention
 from master.scenarios import load_presets, make_checks
