@@ -23,6 +23,35 @@ class BindError(Exception):
     """A bind that configuration forbids (non-loopback without --insecure) or that failed."""
 
 
+class EndpointError(ValueError):
+    """An endpoint that is not tcp://HOST:PORT, HOST:PORT, ipc://PATH or inproc://NAME."""
+
+
+def endpoint(text: str, flag: str = "endpoint") -> str:
+    """The ZeroMQ endpoint for what a user typed: `HOST:PORT` means `tcp://HOST:PORT`
+    (`[v6]:PORT` too); EndpointError, naming the flag, for anything else."""
+    text = (text or "").strip()
+    if text.startswith(("ipc://", "inproc://")) and len(text.split("://", 1)[1]) > 0:
+        return text
+    url = text if text.startswith("tcp://") else f"tcp://{text}"
+    if "://" in text and not text.startswith("tcp://"):
+        url = ""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        ok = bool(url) and bool(parts.hostname) and port is not None and 0 < port < 65536 \
+            and parts.path in ("", "/") and not parts.query and not parts.username
+    except ValueError:
+        ok = False
+    if not ok and url:
+        # A bind may use the wildcard host: tcp://*:PORT
+        host, _, port_text = url[len("tcp://"):].rpartition(":")
+        ok = host == "*" and port_text.isdigit() and 0 < int(port_text) < 65536
+    if not ok:
+        raise EndpointError(f"{flag} {text!r}: expected tcp://HOST:PORT (or HOST:PORT)")
+    return url.rstrip("/")
+
+
 def is_loopback(endpoint: str) -> bool:
     """True if a tcp:// endpoint's host is a loopback address (ipc/inproc count as local)."""
     if not endpoint.startswith("tcp://"):
@@ -52,21 +81,26 @@ def check_http_bind(hostport: str, insecure: bool, secured: bool) -> None:
         "unauthenticated; bind 127.0.0.1, or configure keys or --insecure to expose it)")
 
 
-def _bind(sock: zmq.Socket, endpoint: str, insecure: bool,
+def _bind(sock: zmq.Socket, endpoint_text: str, insecure: bool,
           security: MasterSecurity | None = None, domain: str = "") -> None:
+    try:
+        endpoint_ = endpoint(endpoint_text)
+    except EndpointError as e:
+        sock.close(linger=0)
+        raise BindError(str(e)) from e
     if security is not None:
         security.serve(sock, domain)
-    elif not insecure and not is_loopback(endpoint):
+    elif not insecure and not is_loopback(endpoint_):
         sock.close(linger=0)
         raise BindError(
-            f"refusing to bind {endpoint}: not loopback and no CURVE keys (pass --keys DIR, "
+            f"refusing to bind {endpoint_}: not loopback and no CURVE keys (pass --keys DIR, "
             "or --insecure to accept anyone who can reach it)"
         )
     try:
-        sock.bind(endpoint)
+        sock.bind(endpoint_)
     except zmq.ZMQError as e:
         sock.close(linger=0)
-        raise BindError(f"cannot bind {endpoint}: {e}") from e
+        raise BindError(f"cannot bind {endpoint_}: {e}") from e
 
 
 def bind_router(
@@ -98,7 +132,7 @@ def bind_pub(ctx: zmq.Context, endpoint: str, insecure: bool = False,
 
 
 def connect_dealer(
-    ctx: zmq.Context, endpoint: str, identity: bytes | None = None, max_msg: int = CLIENT_MAX_MSG,
+    ctx: zmq.Context, target: str, identity: bytes | None = None, max_msg: int = CLIENT_MAX_MSG,
     keys: PeerKeys | None = None,
 ) -> zmq.Socket:
     """A DEALER with reconnect backoff (100 ms doubling to 5 s) and no linger."""
@@ -113,11 +147,15 @@ def connect_dealer(
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    sock.connect(endpoint)
+    try:
+        sock.connect(endpoint(target))
+    except EndpointError:
+        sock.close(linger=0)
+        raise
     return sock
 
 
-def connect_sub(ctx: zmq.Context, endpoint: str, topics: list[str],
+def connect_sub(ctx: zmq.Context, target: str, topics: list[str],
                 keys: PeerKeys | None = None) -> zmq.Socket:
     """A SUB socket subscribed to each topic prefix (all topics if the list is empty)."""
     sock = ctx.socket(zmq.SUB)
@@ -126,5 +164,9 @@ def connect_sub(ctx: zmq.Context, endpoint: str, topics: list[str],
     sock.setsockopt(zmq.RCVHWM, HWM)
     for topic in topics or [""]:
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    sock.connect(endpoint)
+    try:
+        sock.connect(endpoint(target))
+    except EndpointError:
+        sock.close(linger=0)
+        raise
     return sock

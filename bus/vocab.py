@@ -42,12 +42,17 @@ RETRY = "retry"
 FENCED = "fenced"
 RESOURCES = "resources"
 DRAINING = "draining"
+SIGNAL = "signal"  # the workload was killed by a signal (extra.signal names it)
+AGENT_SHUTDOWN = "agent_shutdown"  # the agent stopped cleanly and handed the attempt back
+AGENT_ERROR = "agent_error"  # the agent failed preparing, starting or supervising the attempt
+UNACKNOWLEDGED = "unacknowledged"  # an assignment the agent never answered (a JOB lost in transit)
 
 # Why a job left a state (job reasons) and why an agent refused or stopped an attempt.
 REASONS = frozenset({
     EXIT_CODE, OOM_KILLED, TIMEOUT, STALLED, DISK_LIMIT, AGENT_LOST, CANCELLED_GRACEFUL,
     CANCELLED_FORCED, INVALID_INPUT, NO_CAPABLE_AGENT, REJECTED, SUBMITTED, RETRY, CANCELLED,
-    FENCED, RESOURCES, DRAINING,
+    FENCED, RESOURCES, DRAINING, SIGNAL, AGENT_SHUTDOWN,
+    AGENT_ERROR, UNACKNOWLEDGED,
 })
 # Failures that would only fail again: not retried.
 NOT_RETRIED = frozenset({INVALID_INPUT, NO_CAPABLE_AGENT, OOM_KILLED, DISK_LIMIT})

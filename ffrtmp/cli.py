@@ -11,7 +11,7 @@ from bench import cli as bench_cli
 from bus.client import Client
 from bus.errors import ClientError
 from bus.security import KeyMaterialError, load_peer
-from bus.sockets import DEFAULT_CLIENTS, DEFAULT_EVENTS
+from bus.sockets import DEFAULT_CLIENTS, DEFAULT_EVENTS, EndpointError, endpoint
 from ffrtmp import client_cli, demo, keys, logs
 from master import cli as master_cli
 from storage import StorageError
@@ -62,19 +62,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if getattr(args, "client", False):
-            endpoint = args.master_ep or os.environ.get("FFRTMP_MASTER") or DEFAULT_CLIENTS
+            target = endpoint(args.master_ep or os.environ.get("FFRTMP_MASTER")
+                              or DEFAULT_CLIENTS, "--master")
             if args.events_ep:
-                args.events = args.events_ep
+                args.events = endpoint(args.events_ep, "--events-ep")
             peer = None
             if args.client_key or args.master_public_key:
                 if not (args.client_key and args.master_public_key):
                     raise SystemExit("ffrtmp: --client-key and --master-key go together")
                 peer = load_peer(args.client_key, args.master_public_key)
-            with Client(endpoint, timeout=args.request_timeout, keys=peer) as client:
+            with Client(target, timeout=args.request_timeout, keys=peer) as client:
                 return int(args.func(args, client))
         return int(args.func(args))
     except ClientError as e:
         print(f"ffrtmp: {e.code}: {e.text}", file=sys.stderr)
+        return 2
+    except EndpointError as e:
+        print(f"ffrtmp: {e}", file=sys.stderr)
         return 2
     except KeyMaterialError as e:
         print(f"ffrtmp: keys: {e}", file=sys.stderr)
