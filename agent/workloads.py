@@ -1,11 +1,28 @@
-"""Job spec -> how to run it: in-agent (noop) or the argv of a supervised child."""
+"""Job spec -> how to run it: in-agent (noop) or the argv of a supervised child.
+
+A synthetic child must cost next to nothing to start, or the benchmarks measure interpreter
+start-up instead of the system (`python -m agent.synthetic` took ~39 ms of CPU per child: site
+hooks of the editable install, argparse, the `agent` package). So:
+
+- `sleep` is coreutils `sleep` exec'd under the name `agent.synthetic` (`runner.named_argv`:
+  a `bash -c 'exec -a ...'` wrapper, which a bash standby runs as its own exec): one process,
+  ~1 ms, SIGTERM ignored by `trap ''` if asked (SIG_IGN survives exec), and named in its command
+  line like every synthetic workload (ps, tests).
+- `burn` and `hog` (and `sleep` where bash or sleep is missing) run agent/synthetic.py as a
+  script with an isolated interpreter (`-I -S`: no site-packages, no environment, ~10 ms);
+  `-X agent.synthetic` names it (the interpreter ignores unknown -X options).
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
+from agent.runner import named_argv
 from bus.vocab import SYNTHETIC, WORKLOADS  # noqa: F401  (re-exported)
 
 
@@ -51,13 +68,30 @@ def build_argv(spec: dict[str, Any]) -> list[str] | None:
     def knob(key: str, default: float) -> float:
         return _number(f"params.{key}", params.get(key, default))
 
-    argv = [sys.executable, "-m", "agent.synthetic", scenario]
     if scenario == "sleep":
-        argv += ["--seconds", str(knob("seconds", 1.0))]
-        if params.get("ignore_term"):
-            argv.append("--ignore-term")
-    elif scenario == "burn":
-        argv += ["--cpu-seconds", str(knob("cpu_seconds", 1.0))]
-    else:
-        argv += ["--mb", str(int(knob("mb", 64))), "--seconds", str(knob("seconds", 1.0))]
-    return argv
+        seconds, ignore_term = knob("seconds", 1.0), bool(params.get("ignore_term"))
+        sleep = _sleep()
+        named = named_argv(NAME, [sleep, repr(seconds)], ignore_term) if sleep else None
+        if named is not None:
+            return named
+        return python_argv("sleep", "--seconds", repr(seconds),
+                           *(["--ignore-term"] if ignore_term else []))
+    if scenario == "burn":
+        return python_argv("burn", "--cpu-seconds", repr(knob("cpu_seconds", 1.0)))
+    return python_argv("hog", "--mb", str(int(knob("mb", 64))),
+                       "--seconds", repr(knob("seconds", 1.0)))
+
+
+NAME = "agent.synthetic"  # how a synthetic workload appears in its command line
+SCRIPT = str(Path(__file__).with_name("synthetic.py"))
+
+
+def python_argv(*args: str) -> list[str]:
+    """The argv of agent/synthetic.py run in an isolated interpreter with these arguments."""
+    return [sys.executable, "-I", "-S", "-X", NAME, SCRIPT, *args]
+
+
+@functools.cache
+def _sleep() -> str | None:
+    """coreutils sleep, if installed (resolved once per agent)."""
+    return shutil.which("sleep")

@@ -7,14 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench import suite
+from bench import overhead, suite
 from bench.env import machine
 from bench.profiles import PROFILES, WORKLOADS, BenchError, customize, profile, workload
 from bench.progress import Bar
 from bench.report import aggregate, write
 from bench.run import RunSpec, run_all, versions
 
-MODES = ("run", "matrix", "depth", "store")
+MODES = ("run", "matrix", "depth", "store", "overhead")
 # The depth sweep measures the master's dispatch: many in-agent slots, 10k measured jobs.
 DEPTH_DEFAULTS = {"agents": 3, "slots": 16, "jobs": 10_000, "batch": 1000, "latency_samples": 0}
 
@@ -26,10 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run a load profile against a local cluster it starts (or a running one) "
                     "and write report.json, report.md and plot.svg. `bench matrix` runs the "
                     "test matrix, `bench depth` the queue-depth sweep.")
-    p.add_argument("mode", nargs="?", default="run", metavar="{run,matrix,depth,store}",
+    p.add_argument("mode", nargs="?", default="run",
+                   metavar="{run,matrix,depth,store,overhead}",
                    help="run (default): one profile; matrix: the comparison matrix; "
                         "depth: dispatch rate with 0, 10k, 100k jobs already queued; "
-                        "store: what the database alone absorbs per group-commit size")
+                        "store: what the database alone absorbs per group-commit size; "
+                        "overhead: one agent's cost per job (sleep jobs against the ideal, "
+                        "short ffmpeg jobs against xargs -P)")
     p.add_argument("--profile", default="quick",
                    help=f"{', '.join(f'{k} ({v.jobs:,} jobs)' for k, v in PROFILES.items())}")
     p.add_argument("--workload", default="noop", help=f"{', '.join(WORKLOADS)} (default noop)")
@@ -74,6 +77,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="matrix mode: workloads to include")
     p.add_argument("--dbs", default="sqlite,postgresql", help="matrix and store modes: "
                                                               "databases")
+    p.add_argument("--ffmpeg-jobs", type=int, default=None,
+                   help="overhead mode: ffmpeg jobs per run (default 40; 0: sleep only)")
+    p.add_argument("--tree", default=None, metavar="DIR",
+                   help="overhead mode: run the master and agent from this source tree")
+    p.add_argument("--baseline-tree", default=None, metavar="DIR",
+                   help="overhead mode: also measure the master and agent of this source tree "
+                        "(e.g. the previous commit), interleaved with the measured side")
     p.set_defaults(func=run)
 
 
@@ -87,6 +97,17 @@ def _spec(args: argparse.Namespace) -> RunSpec:
                    events=args.events, metrics_url=args.metrics_url, repeat=args.repeat,
                    rate=args.rate, timeout=args.timeout, direct=not args.no_direct,
                    label=f"{prof.name}/{wl.name}")
+
+
+def _overhead_config(args: argparse.Namespace) -> overhead.Config:
+    cfg = overhead.Config(repeat=args.repeat, tree=args.tree, baseline_tree=args.baseline_tree,
+                          timeout=args.timeout)
+    for key, value in (("jobs", args.jobs), ("sleep_s", args.sleep), ("slots", args.slots),
+                       ("ffmpeg_jobs", args.ffmpeg_jobs), ("scenario", args.scenario),
+                       ("input", args.input)):
+        if value is not None:
+            setattr(cfg, key, value)
+    return cfg
 
 
 def _out(args: argparse.Namespace, what: str) -> Path:
@@ -115,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.mode == "store":
             out = _out(args, "store")
             paths = suite.store(out, bar, _list(args.dbs), args.jobs or 20_000, args.pg)
+        elif args.mode == "overhead":
+            out = _out(args, "overhead")
+            paths = overhead.run(_overhead_config(args), out, bar)
         else:
             spec = _spec(args)
             out = _out(args, f"{spec.profile.name}-{spec.workload.name}")

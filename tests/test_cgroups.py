@@ -2,7 +2,9 @@
 OOM told apart from other deaths, whole-tree kill, removal, leftovers of a crashed agent.
 
 These drive `ProcessRun` + `CgroupHook` directly (no master/agent): tests/test_limits.py covers
-the same through the whole system.
+the same through the whole system. The `backend` fixture runs each test twice: with a new
+spawn that joins the cgroup ("spawn") and with the job exec'd by a standby launcher from the
+backend's pool, renamed to the job's key ("standby").
 """
 
 from __future__ import annotations
@@ -31,16 +33,39 @@ PY = sys.executable
 prefix = pytest.fixture(checked_prefix)
 
 
+@pytest.fixture(params=["spawn", "standby"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture
-def backend(prefix: str) -> Iterator[CgroupBackend]:
+def backend(prefix: str, mode: str) -> Iterator[CgroupBackend]:
     b = detect("auto", f"{prefix}-unit")
     if b.name != cgroup_mode():
         pytest.fail(f"detected {b.describe()} on a {cgroup_mode()} host")
     try:
+        if mode == "spawn":
+            b.POOL_SIZE = 0  # type: ignore[misc]  # this instance only: no pool
+        else:
+            if not b.POOL_SIZE:
+                pytest.fail(f"cgroup {b.name} here should keep a pool of standbys")
+            warm(b)
         yield b
     finally:
         wait_for(lambda: b.sweep() == 0, 10, message="job cgroups removed")
         b.close()
+
+
+def warm(b: CgroupBackend) -> None:
+    """Start the backend's pool (the first take does) and wait until it is full."""
+    handle, standby = b.take(job_key(99, 0), Limits())
+    assert standby is None  # nothing was ready yet
+    assert b.release(handle)
+    wait_for(lambda: b.pooled() == b.POOL_SIZE, 15, message="the pool filled")
+
+
+def used_standby(run: ProcessRun) -> bool:
+    return run.proc is not None and "ffrtmp-standby" in list(run.proc.args)  # type: ignore
 
 
 def ended(run: ProcessRun, timeout: float = 30.0, message: str = "") -> Result:
@@ -75,7 +100,8 @@ def test_detect_parses_this_host_and_nests_under_own_cgroup(backend: CgroupBacke
     assert detect("auto", "x", mounts="", own="").name == "none"
 
 
-def test_child_is_in_its_cgroup_before_exec(backend: CgroupBackend, tmp_path: Path) -> None:
+def test_child_is_in_its_cgroup_before_exec(backend: CgroupBackend, tmp_path: Path,
+                                            mode: str) -> None:
     # The program reads its own cgroup as its very first act: it must already be the job's
     # (a join after spawn, by the parent, would race with this read).
     out = tmp_path / "cg.txt"
@@ -83,6 +109,7 @@ def test_child_is_in_its_cgroup_before_exec(backend: CgroupBackend, tmp_path: Pa
     run = ProcessRun(["sh", "-c", f"exec cat /proc/self/cgroup > {out}"], tmp_path / "w2", 10,
                      hooks=[hook])
     assert run_to_end(run).status == "completed"
+    assert used_standby(run) == (mode == "standby")
     lines = out.read_text().splitlines()
     assert any(line.endswith(f"/{job_key(1, 2)}") and ":memory:" in line for line in lines), lines
     assert any(line.endswith(f"/{job_key(1, 2)}") and ":cpu:" in line for line in lines), lines
@@ -108,18 +135,21 @@ def test_memory_limit_oom_is_classified_from_the_cgroup(backend: CgroupBackend,
     hook = CgroupHook(backend, job_key(3, 1), Limits(memory_mb=64))
     result = run_to_end(synthetic(tmp_path, "hog", "--mb", "256", "--seconds", "5",
                                   hooks=[hook]))
-    assert (result.status, result.reason) == ("failed", "oom_killed"), result
+    # The OOM killer's SIGKILL: the cgroup's verdict wins over reason `signal`.
+    assert (result.status, result.reason, result.exit_code) == ("failed", "oom_killed", -9)
+    assert "signal" not in result.extra
     assert result.extra["oom_kills"] >= 1
     assert result.extra["memory_peak_mb"] <= 64.5
 
 
 def test_sigkill_that_is_not_an_oom_is_not_called_one(backend: CgroupBackend,
                                                       tmp_path: Path) -> None:
-    """Exit by SIGKILL (code -9, the '137' case) with no OOM kill: a plain exit_code failure."""
+    """Exit by SIGKILL (code -9, the '137' case) with no OOM kill: reason `signal`, not OOM."""
     hook = CgroupHook(backend, job_key(4, 1), Limits(memory_mb=256))
     run = ProcessRun(["sh", "-c", "kill -9 $$"], tmp_path / "w", 10, hooks=[hook])
     result = run_to_end(run)
-    assert (result.status, result.reason, result.exit_code) == ("failed", "exit_code", -9)
+    assert (result.status, result.reason, result.exit_code) == ("failed", "signal", -9)
+    assert result.extra["signal"] == "SIGKILL"
     assert result.extra["oom_kills"] == 0
 
 
@@ -204,8 +234,71 @@ def test_leftovers_of_a_dead_agent_are_killed_and_removed(prefix: str, tmp_path:
     wait_for(lambda: second.sweep() == 0 and not any(d.exists() for d in handle.dirs), 5)
     assert all(d.exists() for d in live.dirs)
     assert second.release(live)
+    first.close()  # its pool (create() started one), not the crashed agent's jobs
     second.close()
     assert not ffrtmp_cgroups(prefix)
+
+
+def test_a_standby_job_runs_at_its_priority_with_fresh_counters(backend: CgroupBackend,
+                                                                 tmp_path: Path,
+                                                                 mode: str) -> None:
+    out = tmp_path / "nice.txt"
+    hook = CgroupHook(backend, job_key(10, 1), Limits(memory_mb=128))
+    run = ProcessRun(["sh", "-c", f"ps -o ni= -p $$ > {out}"], tmp_path / "w", 10,
+                     hooks=[hook], nice=10)
+    result = run_to_end(run)
+    assert result.status == "completed" and used_standby(run) == (mode == "standby")
+    assert int(out.read_text()) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    # the standby's own start-up is not the job's: its counters were reset at take
+    assert result.extra["cpu_usage_s"] < 0.5 and result.extra["memory_peak_mb"] < 64
+
+
+def test_pool_is_named_for_the_leftover_rule_and_goes_at_close(prefix: str) -> None:
+    b = detect("auto", f"{prefix}-pool")
+    warm(b)
+    pooled = [d for d in ffrtmp_cgroups(prefix) if d.name.startswith("pool-")]
+    assert len({d.name for d in pooled}) == b.POOL_SIZE
+    assert all(d.name.startswith(f"pool-{os.getpid()}-") for d in pooled)
+    assert not any(is_leftover(d.name) for d in pooled)  # ours: alive
+    assert is_leftover("pool-999999999-3") and is_leftover(job_key(1, 1, pid=999999999))
+    standbys = [int(p) for d in pooled for p in (d / "cgroup.procs").read_text().split()]
+    assert len(set(standbys)) == b.POOL_SIZE
+    b.close()
+    assert not ffrtmp_cgroups(prefix)
+    for pid in set(standbys):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == \
+            psutil.STATUS_ZOMBIE
+
+
+def test_a_killed_agents_pool_goes_with_it(prefix: str) -> None:
+    """kill -9 of an agent with a full pool: its standbys die with it (PR_SET_PDEATHSIG) and
+    the next agent of that name removes the pooled cgroups it left."""
+    name = f"{prefix}-crashpool"
+    script = (f"import time\nfrom agent.cgroups import detect, Limits, job_key\n"
+              f"b = detect('auto', {name!r})\nh, _ = b.take(job_key(1, 1), Limits())\n"
+              f"b.release(h)\nwhile b.pooled() < b.POOL_SIZE: time.sleep(0.01)\n"
+              f"print('full', flush=True)\ntime.sleep(60)\n")
+    agent = subprocess.Popen([PY, "-c", script], stdout=subprocess.PIPE)
+    try:
+        assert agent.stdout is not None and agent.stdout.readline() == b"full\n"
+        pooled = [d for d in ffrtmp_cgroups(prefix) if d.name.startswith("pool-")]
+        standbys = [psutil.Process(int(p)) for d in pooled
+                    for p in (d / "cgroup.procs").read_text().split()]
+        assert standbys
+        agent.kill()
+        agent.wait()
+        wait_for(lambda: all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+                             for p in standbys), 10, message="standbys died with the agent")
+        second = detect("auto", name)
+        assert second.cleanup_leftovers() == len({d.name for d in pooled})
+        wait_for(lambda: second.sweep() == 0 and not any(d.exists() for d in pooled), 10)
+        second.close()
+        assert not ffrtmp_cgroups(prefix)
+    finally:
+        agent.kill()
+        agent.wait()
+        if agent.stdout is not None:
+            agent.stdout.close()
 
 
 def test_disk_watch_stops_a_job_that_writes_too_much(tmp_path: Path) -> None:

@@ -4,21 +4,44 @@ A backend owns one parent cgroup per agent (`ffrtmp-<agent name>` under the agen
 default) and creates one job cgroup per attempt in it, named `job-<agent pid>-<job>-<attempt>` so
 that agents with the same name on one host never touch each other's jobs and a restarted agent
 can tell the leftovers of a dead one (its pid no longer runs) from live work.
+
+Off the job's path, in a housekeeping thread:
+
+- removal: a finished job's cgroup, once empty (the usual case: its process was reaped), is
+  removed there (`discard`), never delaying the DONE; one with processes left in it is killed
+  and removed at once, and `sweep` retries a busy one;
+- the pool (backends that can rename a cgroup: v1): a few cgroups `pool-<agent pid>-<n>`, each
+  holding a `Standby` launcher that has already joined it (and its counters reset since).
+  `take` renames a pooled cgroup to the job's key, standby inside, and applies the limits; the
+  job's process is then that standby's exec: no mkdir, no join, no launcher start on the job's
+  path. Pool entries follow the leftover rule like jobs (their agent's pid is gone), so a
+  crashed agent's pool goes with its jobs; their standbys die with the agent
+  (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import re
 import signal
+import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-JOB_DIR = re.compile(r"^job-(\d+)-(\d+)-(\d+)$")
+from agent.runner import Standby, launcher
+
+log = logging.getLogger("ffrtmp.agent.cgroups")
+
+JOB_DIR = re.compile(r"^job-(\d+)-(\d+)-(\d+)$")  # job-<agent pid>-<job>-<attempt>
+POOL_DIR = re.compile(r"^pool-(\d+)-(\d+)$")  # pool-<agent pid>-<n>: a standby, no job yet
+STANDBY_READY_S = 5.0  # a standby that is not set up by then is dropped
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -71,6 +94,11 @@ def job_key(job_id: int, attempt: int, pid: int | None = None) -> str:
     return f"job-{os.getpid() if pid is None else pid}-{job_id}-{attempt}"
 
 
+def pool_key(n: int, pid: int | None = None) -> str:
+    """The directory name of this agent process's n-th pooled cgroup."""
+    return f"pool-{os.getpid() if pid is None else pid}-{n}"
+
+
 def pid_alive(pid: int) -> bool:
     """True if a process with this pid exists (another user's counts too)."""
     try:
@@ -83,8 +111,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def is_leftover(name: str) -> bool:
-    """True for a job cgroup whose agent process is gone (it crashed or was killed)."""
-    m = JOB_DIR.match(name)
+    """True for a job (or pooled) cgroup whose agent process is gone (crashed or was killed)."""
+    m = JOB_DIR.match(name) or POOL_DIR.match(name)
     if m is None:
         return False
     pid = int(m.group(1))
@@ -172,6 +200,12 @@ class CgroupHandle(ABC):
         return tuple(d / "cgroup.procs" for d in self.dirs)
 
     @property
+    def join_paths(self) -> tuple[Path, ...]:
+        """The files a single-threaded child writes "0" into to join the cgroup before it execs
+        (cgroup.procs here; v1 uses its `tasks` files, see there)."""
+        return self.procs_paths
+
+    @property
     def procs_path(self) -> Path:
         """The first (on v2 the only) cgroup.procs file."""
         return self.procs_paths[0]
@@ -198,17 +232,83 @@ class CgroupHandle(ABC):
             gone = rmdir(d) and gone
         return gone
 
+    def reset_counters(self) -> None:  # noqa: B027  (optional: a backend without it keeps them)
+        """Zero the resettable usage counters (a pooled cgroup's standby used a little)."""
+
+    def kill_and_remove(self) -> bool:
+        """Kill what is left (if anything: the kill is the costly part) and remove the cgroup."""
+        if self.pids():
+            self.kill_all()
+        return self.remove()
+
+
+class Housekeeper:
+    """A daemon thread that runs `work` soon after each `wake()` (started on the first one).
+
+    The backend's removals of finished jobs' (empty) cgroups and the pool's refills run here,
+    not in the agent's loop between a job's exit and its DONE or a JOB and its start. It spawns
+    the standbys, so it lives as long as the backend (PR_SET_PDEATHSIG: see agent/runner.py).
+    """
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self._work = work
+        self._event = threading.Event()
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        """Run the work soon (once for any number of wake-ups before it starts)."""
+        with self._lock:
+            if self._stopping:
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cgroup-housekeeper",
+                                                daemon=True)
+                self._thread.start()
+        self._event.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread (after the work in progress, if any)."""
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+        self._event.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._event.wait()
+            self._event.clear()
+            if self._stopping:
+                return
+            try:
+                self._work()
+            except Exception:  # never fatal: what it did not remove, sweep() retries
+                log.exception("cgroup housekeeping failed")
+
 
 class CgroupBackend(ABC):
     """Creates, watches and removes job cgroups under one parent."""
 
     name = "none"
+    POOL_SIZE = 0  # pooled cgroups with a standby kept ready (backends that can rename: v1)
 
     def __init__(self) -> None:
         self.available = False
         self.reason = ""
         self.supports: frozenset[str] = frozenset()
-        self._pending: list[CgroupHandle] = []
+        self._lock = threading.Lock()  # the lists below: the loop and the housekeeper share them
+        self._pending: list[CgroupHandle] = []  # busy at removal: sweep() retries them
+        self._doomed: list[CgroupHandle] = []  # empty, for the housekeeper to remove
+        self._removing = 0  # taken by the housekeeper, not removed yet
+        self._pool: list[tuple[CgroupHandle, Standby]] = []
+        self._pool_next = 0
+        self._pool_on = False  # filled from the first take() on
+        self._pool_broken = False  # no launcher here: the pool stays empty
+        self._closed = False
+        self._housekeeper = Housekeeper(self._housekeep)
 
     @abstractmethod
     def create(self, key: str, limits: Limits) -> CgroupHandle:
@@ -222,23 +322,95 @@ class CgroupBackend(ABC):
     def parents(self) -> tuple[Path, ...]:
         """The parent cgroup directories (one per hierarchy)."""
 
-    def release(self, handle: CgroupHandle) -> bool:
-        """Kill what is left in a job cgroup and remove it (retried by `sweep` if busy)."""
+    def take(self, key: str, limits: Limits) -> tuple[CgroupHandle, Standby | None]:
+        """The job cgroup for an attempt (as `create`), with a standby launcher in it if the
+        pool had one ready: the job is then that standby's exec, joining nothing."""
+        self._pool_on = self.POOL_SIZE > 0 and not self._pool_broken
+        while self._pool_on and not self._closed:
+            with self._lock:
+                entry = self._pool.pop() if self._pool else None
+            self._housekeeper.wake()  # refill
+            if entry is None:
+                break
+            pooled, standby = entry
+            try:
+                handle = self._rename(pooled, key)
+            except (OSError, CgroupError) as e:
+                log.warning("pooled cgroup %s: cannot rename it to %s: %s", pooled.key, key, e)
+                standby.discard()
+                self.release(pooled)
+                continue
+            if standby.proc.poll() is not None:  # it died: an empty job cgroup all the same
+                standby.discard()
+                return self._limited(handle, limits), None
+            try:
+                self._apply(handle, limits)
+            except (OSError, CgroupError):
+                standby.discard()
+                self.release(handle)
+                raise
+            return handle, standby
+        return self.create(key, limits), None
+
+    def pooled(self) -> int:
+        """Standbys ready in the pool now."""
+        with self._lock:
+            return len(self._pool)
+
+    def _limited(self, handle: CgroupHandle, limits: Limits) -> CgroupHandle:
         try:
-            handle.kill_all()
-            if handle.remove():
+            self._apply(handle, limits)
+        except (OSError, CgroupError):
+            self.release(handle)
+            raise
+        return handle
+
+    def _rename(self, handle: CgroupHandle, key: str) -> CgroupHandle:
+        """The cgroup renamed to key in every hierarchy (backends with a pool)."""
+        raise CgroupError(f"cgroup {self.name}: cannot rename a cgroup")
+
+    def _apply(self, handle: Any, limits: Limits) -> None:
+        """Write the limits into a job cgroup (backends with a pool)."""
+        raise CgroupError(f"cgroup {self.name}: no limits")
+
+    def _make_empty(self, key: str) -> CgroupHandle:
+        """A new empty cgroup named key, without limits (backends with a pool)."""
+        raise CgroupError(f"cgroup {self.name}: no pool")
+
+    def release(self, handle: CgroupHandle) -> bool:
+        """Kill what is left in a job cgroup and remove it now (retried by `sweep` if busy)."""
+        try:
+            if handle.kill_and_remove():
                 return True
         except (OSError, CgroupError):
             pass
-        self._pending.append(handle)
+        with self._lock:
+            self._pending.append(handle)
         return False
 
+    def discard(self, handle: CgroupHandle) -> None:
+        """Like `release`, but an empty cgroup (the usual case once a job's process has been
+        reaped) is removed by the housekeeping thread, off the caller's path."""
+        try:  # one hierarchy tells (a process left only in another one makes the removal
+            stray = bool(read_pids(handle.procs_path))  # fail: sweep() then kills it)
+        except (OSError, ValueError):
+            stray = True
+        if stray or self._closed:
+            self.release(handle)
+            return
+        with self._lock:
+            self._doomed.append(handle)
+        self._housekeeper.wake()
+
     def sweep(self) -> int:
-        """Retry removing job cgroups whose last processes were exiting; returns how many remain."""
-        pending, self._pending = self._pending, []
+        """Retry removing job cgroups whose last processes were exiting; returns how many
+        released cgroups are not removed yet (including those the housekeeper is removing)."""
+        with self._lock:
+            pending, self._pending = self._pending, []
         for handle in pending:
             self.release(handle)
-        return len(self._pending)
+        with self._lock:
+            return len(self._pending) + len(self._doomed) + self._removing
 
     def cleanup_leftovers(self) -> int:
         """Kill and remove the job cgroups of a crashed agent; returns how many were found."""
@@ -248,11 +420,86 @@ class CgroupBackend(ABC):
         return len(found)
 
     def close(self) -> None:
-        """At agent exit: release pending cgroups and remove the parent if nothing is left in it."""
-        self.sweep()
+        """At agent exit: remove released and pooled cgroups (their standbys killed) and the
+        parent if nothing is left in it."""
+        self._closed = True
+        self._housekeeper.stop()
+        with self._lock:
+            left = self._doomed + self._pending
+            pool, self._pool = self._pool, []
+            self._doomed, self._pending = [], []
+        for handle, standby in pool:
+            standby.discard()
+            left.append(handle)
+        for handle in left:
+            self.release(handle)
+        for _ in range(100):  # the last processes of a job may still be exiting
+            if not self.sweep():
+                break
+            time.sleep(0.005)
         for parent in self.parents():
             with contextlib.suppress(OSError, CgroupError):
                 rmdir(parent)
+
+    def _housekeep(self) -> None:
+        """The housekeeper's work: remove the discarded cgroups."""
+        with self._lock:
+            doomed, self._doomed = self._doomed, []
+            self._removing = len(doomed)
+        try:
+            for handle in doomed:
+                try:
+                    gone = handle.remove()
+                except (OSError, CgroupError):
+                    gone = False
+                with self._lock:
+                    if not gone:
+                        self._pending.append(handle)  # sweep() retries it (with a kill)
+                    self._removing -= 1
+        finally:
+            with self._lock:
+                self._removing = 0
+        self._refill_pool()
+
+    def _refill_pool(self) -> None:
+        """Top the pool up: cgroups, standbys that join them (all at once: their waits for the
+        kernel overlap), then wait until each is set up."""
+        if not self._pool_on or self._closed:
+            return
+        with self._lock:
+            missing = self.POOL_SIZE - len(self._pool)
+            first, self._pool_next = self._pool_next, self._pool_next + max(0, missing)
+        started: list[tuple[CgroupHandle, Standby]] = []
+        for n in range(first, first + missing):
+            try:
+                handle = self._make_empty(pool_key(n))
+            except (OSError, CgroupError) as e:
+                log.warning("cannot make a pooled cgroup: %s", e)
+                break
+            try:
+                standby = Standby.spawn([str(p) for p in handle.join_paths])
+            except OSError as e:
+                log.warning("cannot start a standby launcher: %s", e)
+                standby = None
+            if standby is None:
+                if launcher() is None:  # no launcher tools here: take() makes its own cgroups
+                    self._pool_broken, self._pool_on = True, False
+                self.release(handle)
+                break
+            started.append((handle, standby))
+        for handle, standby in started:
+            if standby.wait_ready(STANDBY_READY_S) and not self._closed:
+                try:  # what the standby used to get here is not the job's
+                    handle.reset_counters()
+                except (OSError, CgroupError):
+                    pass
+                with self._lock:
+                    self._pool.append((handle, standby))
+            else:  # it could not join (or took too long), or the backend is closing
+                if not self._closed:
+                    log.warning("a standby launcher for %s did not get ready", handle.key)
+                standby.discard()
+                self.release(handle)
 
     def describe(self) -> str:
         """One line for the log."""

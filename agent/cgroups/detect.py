@@ -30,6 +30,9 @@ def detect(mode: str, agent_name: str, parent: str | None = None,
     `parent` is a cgroup path relative to the hierarchy root (as /proc/self/cgroup shows them);
     the default is `ffrtmp-<agent name>` under the agent's own cgroup in each hierarchy.
     `mounts` and `own` stand in for /proc/self/mounts and /proc/self/cgroup (tests).
+    The parent keeps the kernel's CPU weight, that of one nice-0 task such as the agent: all
+    jobs together then weigh what the agent does (a lower weight was measured to starve jobs
+    below their own quota on a busy host; see docs/PERFORMANCE.md).
     """
     if mode not in MODES:
         raise CgroupError(f"unknown cgroup mode {mode!r} (known: {', '.join(MODES)})")

@@ -1,24 +1,24 @@
 """The runner hook that puts a child in its job cgroup before it execs and reads the verdict.
 
-The child joins in `in_child` (between fork and exec) by writing "0" ("the writing process") to
-cgroup.procs fds opened beforehand: a raw write, no allocation, async-signal-safe, and the job is
-confined before its first instruction. After exit the cgroup's own counters tell an OOM kill
-apart from any other death (never exit code 137), its figures go into DONE `extra`, and whatever
-is left in it (daemonized grandchildren too) is killed before the cgroup is removed.
+The job is confined before its first instruction: either it is the exec of a standby launcher
+that the backend's pool had already put in the cgroup (`standby`), or the new child writes "0"
+(itself) to the cgroup's join files (v1: `tasks`, v2: `cgroup.procs`) before it execs the job
+(`join_paths`: the runner's launcher does the writes, or its fork fallback through fds opened
+beforehand); if a join fails the job never runs. After exit the cgroup's own counters tell an
+OOM kill apart from any other death (never exit code 137), its figures go into DONE `extra`,
+and whatever is left in it (daemonized grandchildren too) is killed before the cgroup is removed
+(an empty one by the backend's housekeeping thread, after the DONE).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from dataclasses import replace
 
 from agent.cgroups.base import CgroupBackend, CgroupError, CgroupHandle, Limits, Stats
-from agent.runner import Hook, ProcessRun, Result
+from agent.runner import Hook, ProcessRun, Result, Standby
 
 log = logging.getLogger("ffrtmp.agent.cgroups")
-_SELF = b"0"
 
 
 class CgroupHook(Hook):
@@ -30,28 +30,20 @@ class CgroupHook(Hook):
         self.limits = limits
         self.handle: CgroupHandle | None = None
         self.stats: Stats | None = None
-        self._fds: list[int] = []
+        self._standby: Standby | None = None
 
     def before_spawn(self, run: ProcessRun) -> None:
         try:
-            self.handle = self.backend.create(self.key, self.limits)
-            for path in self.handle.procs_paths:
-                self._fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+            self.handle, self._standby = self.backend.take(self.key, self.limits)
         except (OSError, CgroupError) as e:
-            self._close_fds()
-            if self.handle is not None:
-                self.backend.release(self.handle)
-                self.handle = None
             raise OSError(f"job cgroup: {e}") from e
 
-    def in_child(self) -> None:
-        for fd in self._fds:  # an OSError here aborts the spawn: never exec unconfined
-            os.write(fd, _SELF)
+    def standby(self) -> Standby | None:
+        standby, self._standby = self._standby, None
+        return standby
 
-    def poll(self, run: ProcessRun, now: float) -> str | None:
-        if self._fds and run.proc is not None:
-            self._close_fds()  # the child is in (or past) exec: the parent needs them no more
-        return None
+    def join_paths(self) -> list[str]:  # for a new spawn (the standby, if any, is in already)
+        return [str(p) for p in self.handle.join_paths] if self.handle is not None else []
 
     def classify(self, run: ProcessRun, code: int) -> tuple[str, str] | None:
         if self.handle is None or code == 0:
@@ -62,14 +54,20 @@ class CgroupHook(Hook):
         return None
 
     def after_exit(self, run: ProcessRun, result: Result) -> Result:
-        self._close_fds()
+        if self._standby is not None:  # taken, never used (the start failed before it)
+            self._standby.discard()
+            self._standby = None
         if self.handle is None:
             return result
-        extra = {**result.extra, **self._stats().extra(), "cgroup": self.backend.name}
+        stats = self.stats if self.stats is not None else self._stats()  # classify read them
+        extra = {**result.extra, **stats.extra(), "cgroup": self.backend.name}
         if self.limits.any:
             extra["limits_enforced"] = True
-        if not self.backend.release(self.handle):  # never fatal: sweep() retries the removal
-            log.info("job cgroup %s still busy; removal retried", self.key)
+        if run.proc is None:  # the spawn failed: nothing to wait for, remove it now
+            if not self.backend.release(self.handle):  # never fatal: sweep() retries it
+                log.info("job cgroup %s still busy; removal retried", self.key)
+        else:
+            self.backend.discard(self.handle)
         self.handle = None
         return replace(result, extra=extra)
 
@@ -80,12 +78,6 @@ class CgroupHook(Hook):
         except (OSError, ValueError) as e:  # a hook failure must not take the agent down
             log.warning("job cgroup %s: cannot read its counters: %s", self.key, e)
             return Stats()
-
-    def _close_fds(self) -> None:
-        for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds = []
 
 
 class Unenforced(Hook):

@@ -151,14 +151,14 @@ class V2Backend(CgroupBackend):
             raise CgroupError(self.reason or "cgroup v2 not available")
         handle = V2Handle(key, self.parent / key)
         try:
-            for attempt in range(3):  # a sibling agent may remove the empty parent meanwhile
+            for attempt in range(3):
                 try:
-                    self.parent.mkdir(exist_ok=True)
                     handle.path.mkdir(exist_ok=True)
                     break
-                except FileNotFoundError:
+                except FileNotFoundError:  # a sibling agent removed the empty parent
                     if attempt == 2:
                         raise
+                    self.parent.mkdir(exist_ok=True)
             self._apply(handle.path, limits)
         except (OSError, CgroupError) as e:
             with contextlib.suppress(OSError, CgroupError):
