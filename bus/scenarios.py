@@ -76,8 +76,43 @@ PRESETS_BY_ENCODER = {
 CRF_MAX = {"libx264": 51, "libx265": 51, "libvpx-vp9": 63, "libaom-av1": 63, "libsvtav1": 63}
 BITRATE = re.compile(r"^(\d+(?:\.\d+)?)([kKmM]?)$")
 INPUT_SCHEMES = ("http", "https", "rtmp")
+OUTPUT_SCHEMES = ("rtmp", "rtmps")
 TESTSRC = "testsrc:"
 MAX_DIM = (7680, 4320)
+
+# Bounds on what a job may name (UTF-8 bytes), checked at submit and again on the agent: far
+# below the kernel's PATH_MAX (4096) / NAME_MAX (255) once joined to an agent's root.
+MAX_PATH_BYTES = 1024
+MAX_NAME_BYTES = 255
+MAX_URL_BYTES = 2048
+URL_HOST = re.compile(r"^[a-z0-9._-]+$|^[0-9a-f:.]+(%[a-z0-9._-]+)?$")  # a name or an IPv6 literal
+
+# ---- the preset schema (check_preset): what an agent will put on an ffmpeg command line ------
+# Muxer -> the file extensions it may be given.
+CONTAINERS: dict[str, tuple[str, ...]] = {
+    "mp4": ("mp4", "m4v"), "mov": ("mov",), "ipod": ("m4a",), "webm": ("webm",),
+    "matroska": ("mkv", "mka"), "flv": ("flv",), "mpegts": ("ts",), "ogg": ("ogg", "oga", "opus"),
+    "adts": ("aac",), "mp3": ("mp3",), "wav": ("wav",), "flac": ("flac",),
+}
+VIDEO_ENCODERS = frozenset({
+    "libx264", "libx265", "libvpx", "libvpx-vp9", "libaom-av1", "libsvtav1", "librav1e",
+    "libopenh264", "mpeg4", "h264_nvenc", "hevc_nvenc", "av1_nvenc",
+})
+AUDIO_ENCODERS = frozenset({
+    "aac", "libfdk_aac", "libopus", "libvorbis", "libmp3lame", "flac", "alac", "ac3", "eac3",
+    "pcm_s16le",
+})
+# Encoder/muxer tuning options a preset's extra_args may use, each followed by one value.
+EXTRA_OPTIONS = frozenset({
+    "-tag:v", "-tag:a", "-x264-params", "-x265-params", "-svtav1-params", "-deadline",
+    "-cpu-used", "-row-mt", "-usage", "-tiles", "-tile-columns", "-tile-rows",
+    "-frame-parallel", "-lag-in-frames", "-aq-mode", "-speed", "-g", "-keyint_min",
+    "-sc_threshold", "-profile:v", "-level", "-level:v", "-tune", "-bf", "-refs", "-maxrate",
+    "-bufsize", "-movflags", "-threads", "-ac", "-ar",
+})
+# A value: letters, digits and + _ . : = , - (not first); never '/', never an option.
+EXTRA_VALUE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.:=,-]{0,127}$")
+MAX_EXTRA_ARGS = 32
 
 
 def parse_bitrate(name: str, text: Any) -> int:
@@ -126,14 +161,63 @@ def parse_testsrc(text: str) -> dict[str, Any]:
     return out
 
 
+def _utf8(name: str, text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ScenarioError(f"{name}: not valid UTF-8 text") from e
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
 def check_relative(name: str, path: str) -> None:
-    """A path under an agent root: relative, no '..', no empty or control characters."""
+    """A path under an agent root: relative, no '..', no empty or control characters, bounded
+    (MAX_PATH_BYTES in all, MAX_NAME_BYTES per component, in UTF-8)."""
+    if not isinstance(path, str):
+        raise ScenarioError(f"{name}: must be a string")
+    size = len(_utf8(name, path))
+    if size > MAX_PATH_BYTES:
+        raise ScenarioError(f"{name}: path too long ({size} bytes in UTF-8; at most "
+                            f"{MAX_PATH_BYTES})")
     p = PurePosixPath(path)
     if not path or path.startswith("/") or p.is_absolute():
         raise ScenarioError(f"{name}: must be a relative path under the agent's root, "
-                            f"got {path!r}")
-    if ".." in p.parts or any(ord(c) < 32 for c in path) or path.startswith("~"):
-        raise ScenarioError(f"{name}: must not escape the agent's root ('..'), got {path!r}")
+                            f"got {_short(path)}")
+    if ".." in p.parts or any(ord(c) < 32 or ord(c) == 127 for c in path) \
+            or path.startswith("~"):
+        raise ScenarioError(f"{name}: must not escape the agent's root ('..'), "
+                            f"got {_short(path)}")
+    for part in path.split("/"):
+        if len(part.encode("utf-8")) > MAX_NAME_BYTES:
+            raise ScenarioError(f"{name}: path component too long "
+                                f"({len(part.encode('utf-8'))} bytes in UTF-8; at most "
+                                f"{MAX_NAME_BYTES}): {_short(part, 40)}")
+
+
+def check_url(name: str, value: str, schemes: tuple[str, ...]) -> str:
+    """A URL with one of `schemes`, a host and a valid port, ASCII without spaces or control
+    characters, at most MAX_URL_BYTES; returns its scheme."""
+    size = len(_utf8(name, value))
+    if size > MAX_URL_BYTES:
+        raise ScenarioError(f"{name}: URL too long ({size} bytes; at most {MAX_URL_BYTES})")
+    if not value.isascii() or any(ord(c) <= 32 or ord(c) == 127 for c in value):
+        raise ScenarioError(f"{name}: URL must be ASCII without spaces or control characters "
+                            "(percent-encode the path, use the punycode of the host)")
+    try:
+        parts = urlsplit(value)
+        scheme, host, _port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError as e:
+        raise ScenarioError(f"{name}: malformed URL ({e}): {_short(value)}") from e
+    if scheme not in schemes:
+        raise ScenarioError(f"{name}: scheme {scheme!r} not allowed "
+                            f"(allowed: {', '.join(schemes)})")
+    if not host:
+        raise ScenarioError(f"{name}: URL has no host: {_short(value)}")
+    if not URL_HOST.match(host):
+        raise ScenarioError(f"{name}: bad host in URL: {_short(host)}")
+    return scheme
 
 
 def check_input(value: Any) -> None:
@@ -142,15 +226,12 @@ def check_input(value: Any) -> None:
         raise ScenarioError("input: required for ffmpeg scenarios (testsrc:duration=S, a "
                             "path under the agent's input root, or an http/https/rtmp URL)")
     if value.startswith(TESTSRC):
+        if len(value) > MAX_URL_BYTES:
+            raise ScenarioError(f"input: too long ({len(value)} characters)")
         parse_testsrc(value)
         return
     if "://" in value or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", value):
-        scheme = urlsplit(value).scheme.lower()
-        if scheme not in INPUT_SCHEMES:
-            raise ScenarioError(f"input: scheme {scheme!r} not allowed "
-                                f"(allowed: {', '.join(INPUT_SCHEMES)})")
-        if not urlsplit(value).hostname:
-            raise ScenarioError(f"input: URL has no host: {value!r}")
+        check_url("input", value, INPUT_SCHEMES)
         return
     check_relative("input", value)
 
@@ -162,12 +243,125 @@ def check_output(value: Any, preset: Preset) -> None:
     if not isinstance(value, str):
         raise ScenarioError("output: must be a string")
     if value.startswith(("rtmp://", "rtmps://")):
-        if preset.encoder != "libx264" or not urlsplit(value).hostname:
+        if preset.encoder != "libx264":
             raise ScenarioError("output: rtmp:// needs an h264 scenario and a host")
+        check_url("output", value, OUTPUT_SCHEMES)
         return
     if "://" in value:
-        raise ScenarioError(f"output: only relative paths or rtmp:// URLs, got {value!r}")
+        raise ScenarioError(f"output: only relative paths or rtmp:// URLs, got {_short(value)}")
     check_relative("output", value)
+
+
+def _int_field(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScenarioError(f"{name}: must be a whole number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ScenarioError(f"{name}: must be between {lo} and {hi}, got {value!r}")
+    return value
+
+
+def _bitrate_field(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ScenarioError(f"{name}: a bitrate such as 800k or 5M, got {value!r}")
+    parse_bitrate(name, value)
+    return str(value)
+
+
+def _check_extra_args(name: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise ScenarioError(f"{name}: must be a list of strings")
+    if len(value) > MAX_EXTRA_ARGS:
+        raise ScenarioError(f"{name}: at most {MAX_EXTRA_ARGS} items, got {len(value)}")
+    if len(value) % 2:
+        raise ScenarioError(f"{name}: must be option/value pairs, got an odd count "
+                            f"({len(value)})")
+    for i in range(0, len(value), 2):
+        option, arg = value[i], value[i + 1]
+        if option not in EXTRA_OPTIONS:
+            raise ScenarioError(f"{name}[{i}]: option {_short(option, 40)} not allowed "
+                                f"(allowed: {', '.join(sorted(EXTRA_OPTIONS))})")
+        if not EXTRA_VALUE.match(arg):
+            raise ScenarioError(f"{name}[{i + 1}]: bad value {_short(arg, 40)} for {option} "
+                                "(letters, digits and + _ . : = , -; no '/', not starting "
+                                "with '-'; at most 128 characters)")
+    return tuple(value)
+
+
+def check_preset(raw: Any, where: str = "preset") -> Preset:
+    """The one schema of a preset, used by the master (operator scenarios, every stored preset)
+    and by the agent (a JOB's `spec.preset`): every field typed and bounded, encoders and
+    muxers from allowlists, extra_args only allowlisted (option, value) pairs.
+
+    Raises ScenarioError naming the field (`{where}.{field}: …`)."""
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{where}: must be a map, got {type(raw).__name__}")
+    fields = Preset.__dataclass_fields__
+    for key in raw:
+        if key not in fields:
+            raise ScenarioError(f"{where}.{key}: unknown field")
+    for key in ("name", "container", "extension"):
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ScenarioError(f"{where}.{key}: required, a string")
+    name = raw["name"]
+    if len(name) > 64 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ScenarioError(f"{where}.name: at most 64 characters, no control characters")
+    container, extension = raw["container"], raw["extension"]
+    if container not in CONTAINERS:
+        raise ScenarioError(f"{where}.container: {_short(container, 40)} not allowed "
+                            f"(allowed: {', '.join(sorted(CONTAINERS))})")
+    if extension not in CONTAINERS[container]:
+        raise ScenarioError(f"{where}.extension: {_short(extension, 40)} does not go with "
+                            f"{container} (allowed: {', '.join(CONTAINERS[container])})")
+    encoder = raw.get("encoder")
+    if encoder is not None and encoder not in VIDEO_ENCODERS:
+        raise ScenarioError(f"{where}.encoder: {_short(str(encoder), 40)} not allowed "
+                            f"(allowed: {', '.join(sorted(VIDEO_ENCODERS))})")
+    audio = raw.get("audio_encoder", fields["audio_encoder"].default)
+    if audio is not None and audio not in AUDIO_ENCODERS:
+        raise ScenarioError(f"{where}.audio_encoder: {_short(str(audio), 40)} not allowed "
+                            f"(allowed: {', '.join(sorted(AUDIO_ENCODERS))})")
+    if encoder is None and audio is None:
+        raise ScenarioError(f"{where}.encoder: a video or an audio encoder is required")
+    width, height = raw.get("width"), raw.get("height")
+    if (width is None) != (height is None):
+        raise ScenarioError(f"{where}.{'height' if height is None else 'width'}: width and "
+                            "height go together")
+    video_only = ("width", "height", "fps", "bitrate", "crf", "preset")
+    if encoder is None:
+        for key in video_only:
+            if raw.get(key) is not None:
+                raise ScenarioError(f"{where}.{key}: only for a video encoder")
+    if width is not None:
+        _int_field(f"{where}.width", width, 16, MAX_DIM[0])
+        _int_field(f"{where}.height", height, 16, MAX_DIM[1])
+    fps = raw.get("fps")
+    if fps is not None:
+        fps = _num(f"{where}.fps", fps, 1, 240)
+    crf = raw.get("crf")
+    if crf is not None:
+        hi = CRF_MAX.get(encoder or "", -1)
+        if hi < 0:
+            raise ScenarioError(f"{where}.crf: {encoder} has no crf")
+        crf = _int_field(f"{where}.crf", crf, 0, hi)
+    preset = raw.get("preset")
+    if preset is not None:
+        allowed = PRESETS_BY_ENCODER.get(encoder or "", ())
+        if preset not in allowed:
+            raise ScenarioError(f"{where}.preset: must be one of {', '.join(allowed) or 'none'}"
+                                f" for {encoder}")
+    return Preset(
+        name=name, container=container, extension=extension, encoder=encoder,
+        width=width, height=height, fps=fps,
+        bitrate=_bitrate_field(f"{where}.bitrate", raw.get("bitrate")), crf=crf,
+        preset=preset, audio_encoder=audio,
+        audio_bitrate=_bitrate_field(f"{where}.audio_bitrate",
+                                     raw.get("audio_bitrate", fields["audio_bitrate"].default)),
+        extra_args=_check_extra_args(f"{where}.extra_args", raw.get("extra_args")),
+    )
 
 
 def apply_overrides(preset: Preset, params: dict[str, Any]) -> Preset:
@@ -212,19 +406,11 @@ def load_toml(path: str) -> dict[str, Preset]:
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ScenarioError(f"{path}: {e}") from e
     out: dict[str, Preset] = {}
-    fields = set(Preset.__dataclass_fields__) - {"name"}
     for name, table in (data.get("scenarios") or {}).items():
         if not isinstance(table, dict):
             raise ScenarioError(f"{path}: scenarios.{name} must be a table")
-        unknown = set(table) - fields
-        if unknown:
-            raise ScenarioError(f"{path}: scenarios.{name}.{sorted(unknown)[0]}: unknown field")
-        try:
-            preset = Preset(name=name, **{**table,
-                                          "extra_args": tuple(table.get("extra_args", ()))})
-        except TypeError as e:
-            raise ScenarioError(f"{path}: scenarios.{name}: {e}") from e
-        if preset.bitrate is not None:
-            parse_bitrate(f"scenarios.{name}.bitrate", preset.bitrate)
-        out[name] = preset
+        if "name" in table:
+            raise ScenarioError(f"{path}: scenarios.{name}.name: unknown field (the table's "
+                                "name is the scenario's)")
+        out[name] = check_preset({**table, "name": name}, where=f"{path}: scenarios.{name}")
     return out

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from bus.scenarios import BUILTIN, Preset, apply_overrides, check_input, check_output, load_toml
+from bus.scenarios import (
+    BUILTIN,
+    Preset,
+    apply_overrides,
+    check_input,
+    check_output,
+    check_preset,
+    load_toml,
+)
 from master.spec import ScenarioCheck, SpecError
 
 
@@ -17,16 +25,21 @@ def load_presets(toml_path: str | None) -> dict[str, Preset]:
 
 
 def make_checks(presets: dict[str, Preset]) -> dict[str, ScenarioCheck]:
-    """A check per scenario: validates input/output/overrides and stores the resolved preset."""
+    """A check per scenario: validates input/output/overrides and stores the resolved preset.
+
+    The stored preset passes the same schema (`check_preset`) the agent applies to a JOB, so
+    a preset the master stores is one every agent accepts.
+    """
 
     def check(spec: dict[str, Any]) -> str:
         try:
             resolved = apply_overrides(presets[spec["scenario"]], spec["params"])
             check_input(spec["input"])
             check_output(spec["output"], resolved)
+            wire = check_preset(resolved.to_wire()).to_wire()
         except ValueError as e:
             raise SpecError(str(e)) from e
-        spec["preset"] = resolved.to_wire()
+        spec["preset"] = wire
         return resolved.requires
 
     return {name: check for name in presets}

@@ -88,7 +88,7 @@ def test_live_push_to_a_real_rtmp_listener(cluster: Cluster, tmp_path: Path) -> 
              str(received)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_for(lambda: _listening(port), 15, message="RTMP listener did not listen")
-        cluster.start_agent("live", slots=1)
+        cluster.start_agent("live", 1, "--allow-url", "127.0.0.1")  # a local listener
         (job_id,) = cluster.client.submit([{
             "scenario": "720p-h264", "input": "testsrc:duration=3,size=640x360,rate=25",
             "output": f"rtmp://127.0.0.1:{port}/live/cam1", "max_attempts": 1}])

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.ffmpeg.argv import InvalidInput, build_plan
+from agent.ffmpeg.netpolicy import NetPolicy
 from agent.ffmpeg.progress import ProgressParser
 from bus.scenarios import BUILTIN, ScenarioError, apply_overrides, load_toml, parse_testsrc
 from master.scenarios import load_presets, make_checks
@@ -107,14 +108,17 @@ def test_argv_is_a_list_with_whitelist_and_atomic_output(tmp_path: Path) -> None
     assert plan.tmp_output == tmp_path / "work" / "output.mp4"
     assert plan.final_output == (tmp_path / "out" / "a" / "b.mp4").resolve()
     assert plan.duration_s == 1 and plan.argv[plan.argv.index("-t") + 1] == "1"
+    loopback = NetPolicy.parse(["127.0.0.1"])
     live = build_plan(_spec(output="rtmp://127.0.0.1/live/x"), "ffmpeg", tmp_path, tmp_path,
-                      tmp_path, 1)
+                      tmp_path, 1, allow_url=loopback)
     assert live.live and "-re" in live.argv and live.argv[-2:] == ["flv",
                                                                    "rtmp://127.0.0.1/live/x"]
-    url = build_plan(_spec(input="https://example.invalid/a.mp4"), "ffmpeg", tmp_path,
-                     tmp_path, tmp_path, 1)
-    assert url.argv[url.argv.index("-protocol_whitelist") + 1].split(",")[0] == "http"
-    assert "file" not in url.argv[url.argv.index("-protocol_whitelist") + 1].split(",")
+    for source, protocols in (("https://example.invalid/a.mp4", "https,tls,tcp"),
+                              ("http://1.1.1.1/a.mp4", "http,tcp")):
+        url = build_plan(_spec(input=source), "ffmpeg", tmp_path, tmp_path, tmp_path, 1,
+                         allow_url=NetPolicy.parse(["example.invalid"]))
+        assert url.argv[url.argv.index("-protocol_whitelist") + 1] == protocols
+        assert url.argv[url.argv.index("-i") + 1] == source
 
 
 def test_symlink_escape_and_missing_input_are_invalid(tmp_path: Path) -> None:

@@ -74,7 +74,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                 master_args=["--maintenance-interval", "0.5", "--retry-base", "0.2"])
     try:
         c.start_master()
-        c.start_agent("a1", 4, "--bandwidth-mbps", "1000")
+        c.start_agent("a1", 4, "--bandwidth-mbps", "1000", "--allow-url", "127.0.0.1")
         sub = c.client.submit
         ids = {
             "noop": sub([{"scenario": "noop"}] * 5),

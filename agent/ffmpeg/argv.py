@@ -1,17 +1,54 @@
-"""Job spec + resolved preset -> the ffmpeg argv (a list, never a shell string)."""
+"""Job spec + resolved preset -> the ffmpeg argv (a list, never a shell string).
+
+Everything a JOB carries is validated again here, as if the master were hostile: the preset
+through the one schema (`bus.scenarios.check_preset`), inputs and outputs confined to the
+agent's roots (every bad path is `InvalidInput`, never an OSError), URL destinations through the
+network policy (`agent.ffmpeg.netpolicy`), and ffmpeg itself restricted to a fixed allowlist of
+media demuxers and of protocols. See docs/INPUTS.md.
+
+`build_plan` never runs ffmpeg (the duration probe runs in the hook, as a child); it may resolve
+host names (bounded), so the agent calls it off its event loop.
+"""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
-import subprocess
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bus.scenarios import TESTSRC, Preset, ScenarioError, check_input, check_output, parse_testsrc
+from agent.ffmpeg.netpolicy import DEFAULT_POLICY, Destination, DestinationRefused, NetPolicy
+from bus.scenarios import (
+    MAX_NAME_BYTES,
+    TESTSRC,
+    Preset,
+    ScenarioError,
+    check_input,
+    check_output,
+    check_preset,
+    parse_testsrc,
+)
 
-URL_WHITELIST = "http,https,tcp,tls,crypto,rtmp,rtmps"
 DURATION = re.compile(rb"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
+PATH_MAX = 4096  # Linux, bytes including the NUL
+
+# The only demuxers ffmpeg may use on a job's input (`-format_whitelist`): self-contained media
+# containers. Not hls/dash/concat/playlists (they open other files or URLs), not tty and the
+# subtitle/text demuxers (they would render a text file into the video), not image2 and the
+# image demuxers (sequences, patterns), not lavfi/devices.
+MEDIA_DEMUXERS = ("mov", "matroska", "mpegts", "flv", "live_flv", "avi", "wav", "mp3", "aac",
+                  "flac", "ogg")
+FORMAT_WHITELIST = ",".join(MEDIA_DEMUXERS)
+# Local inputs refused before ffmpeg runs, by extension: playlists, text, subtitles.
+TEXT_EXTENSIONS = frozenset({
+    "m3u8", "m3u", "pls", "xspf", "asx", "mpd", "ism", "ffconcat", "concat", "sdp", "txt",
+    "ans", "asc", "diz", "nfo", "ice", "srt", "ass", "ssa", "vtt", "sub", "smi", "sami", "lrc",
+    "stl", "scc", "ttml", "dfxp", "xml", "json", "html", "htm", "ffmeta", "cue",
+})
+SNIFF_BYTES = 4096
 
 
 class InvalidInput(Exception):
@@ -23,54 +60,246 @@ class Plan:
     """What to run and where the result goes."""
 
     argv: list[str]
-    duration_s: float | None  # expected output duration, for percent; None if unknown
+    duration_s: float | None  # expected output duration known now (testsrc, -t); else None
     tmp_output: Path | None  # where ffmpeg writes a file output (inside the work dir)
     final_output: Path | None  # where a completed file output is moved (atomically)
     live: bool  # rtmp push
+    probe_argv: list[str] | None = None  # run by the hook as a child: the input's duration
 
 
-def _inside(root: Path, rel: str) -> Path:
-    """root/rel, resolved (symlinks too) and still inside root."""
-    root = root.resolve()
-    path = (root / rel).resolve()
-    if path != root and root not in path.parents:
-        raise InvalidInput(f"{rel!r} resolves outside the agent's root {root}")
-    return path
-
-
-def probe_duration(ffmpeg: str, path: Path, timeout: float = 20.0) -> float | None:
-    """The container duration ffmpeg reports for a local file, if any."""
-    try:
-        err = subprocess.run([ffmpeg, "-hide_banner", "-nostdin", "-protocol_whitelist", "file",
-                              "-i", str(path)], capture_output=True, timeout=timeout,
-                             check=False).stderr
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    m = DURATION.search(err)
+def parse_duration(stderr: bytes) -> float | None:
+    """The container duration in `ffmpeg -i`'s report, if any."""
+    m = DURATION.search(stderr)
     if not m:
         return None
     h, mi, s = m.groups()
     return int(h) * 3600 + int(mi) * 60 + float(s)
 
 
-def build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root: Path,
-               workdir: Path, job_id: int) -> Plan:
-    """The argv and output paths for one ffmpeg job; raises InvalidInput for unusable specs."""
+# ---- paths ------------------------------------------------------------------------------------
+
+def _short(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _os_reason(e: BaseException) -> str:
+    """A precise, short reason for an OS error on a path."""
+    code = getattr(e, "errno", None)
+    reasons = {
+        errno.ENAMETOOLONG: "name too long",
+        errno.ELOOP: "symlink loop (too many levels of symbolic links)",
+        errno.ENOENT: "does not exist",
+        errno.ENOTDIR: "a component of the path is not a directory",
+        errno.EACCES: "permission denied (not accessible to the agent)",
+        errno.EPERM: "permission denied (not accessible to the agent)",
+    }
+    if code in reasons:
+        return reasons[code]
+    if isinstance(e, RuntimeError) and "loop" in str(e).lower():
+        return "symlink loop"
+    if isinstance(e, UnicodeError):
+        return "not valid UTF-8"
+    return f"cannot use it ({type(e).__name__}: {getattr(e, 'strerror', None) or e})"
+
+
+def _check_lengths(what: str, rel: str, path: Path) -> None:
+    for part in rel.split("/"):
+        size = len(part.encode("utf-8", "surrogateescape"))
+        if size > MAX_NAME_BYTES:
+            raise InvalidInput(f"{what} {_short(rel)}: name too long (a component is {size} "
+                               f"bytes; at most {MAX_NAME_BYTES})")
+    total = len(os.fsencode(path))
+    if total >= PATH_MAX:
+        raise InvalidInput(f"{what} {_short(rel)}: path too long ({total} bytes once under the "
+                           f"agent's root; at most {PATH_MAX - 1})")
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISFIFO, "a fifo"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    for test, name in kinds:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _real_root(root: Path) -> Path:
+    return Path(os.path.realpath(os.fspath(root)))
+
+
+def _inside(base: Path, path: Path) -> bool:
+    return path != base and base in path.parents
+
+
+def _looks_like_text(data: bytes) -> bool:
+    """True for bytes no media container starts with: text (UTF-8, no control bytes but
+    whitespace and ESC) - playlists, concat lists, subtitles, ANSI art."""
+    if b"\x00" in data:
+        return False
+    if any(b < 32 and b not in b"\t\n\r\f\v\x1b" or b == 127 for b in data):
+        return False
     try:
-        raw = dict(spec["preset"])
-        raw["extra_args"] = tuple(raw.get("extra_args") or ())
-        preset = Preset(**raw)
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(data) - 3  # only a character cut at the end of the sample
+    return True
+
+
+def input_path(root: Path, rel: str) -> Path:
+    """The resolved path of a job's local input: a readable regular media file inside root.
+
+    Raises InvalidInput (never anything else) saying precisely what is wrong.
+    """
+    try:
+        return _input_path(root, rel)
+    except InvalidInput:
+        raise
+    except Exception as e:  # anything the OS or pathlib can throw at us
+        raise InvalidInput(f"input {_short(rel)}: {_os_reason(e)}") from e
+
+
+def _input_path(root: Path, rel: str) -> Path:
+    what = "input"
+    try:
+        base = _real_root(root)
+        st = os.stat(base)
+    except OSError as e:
+        raise InvalidInput(f"the agent's input root {root}: {_os_reason(e)}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise InvalidInput(f"the agent's input root {root} is not a directory")
+    _check_lengths(what, rel, base / rel)
+    path = Path(os.path.realpath(os.fspath(base / rel)))
+    if not _inside(base, path):
+        raise InvalidInput(f"{what} {_short(rel)} resolves outside the agent's input root "
+                           f"{base}")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise InvalidInput(f"{what} {_short(rel)}: {_os_reason(e)}") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidInput(f"{what} {_short(rel)} is {_kind(st.st_mode)}, not a regular file")
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix in TEXT_EXTENSIONS:
+        raise InvalidInput(f"{what} {_short(rel)}: .{suffix} files (playlists, text, subtitles) "
+                           "are not media inputs")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise InvalidInput(f"{what} {_short(rel)}: cannot be read: {_os_reason(e)}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the stat
+            raise InvalidInput(f"{what} {_short(rel)} is not a regular file")
+        head = os.read(fd, SNIFF_BYTES)
+    except OSError as e:
+        raise InvalidInput(f"{what} {_short(rel)}: cannot be read: {_os_reason(e)}") from e
+    finally:
+        os.close(fd)
+    if not head:
+        raise InvalidInput(f"{what} {_short(rel)} is empty")
+    if _looks_like_text(head):
+        raise InvalidInput(f"{what} {_short(rel)} is text (a playlist, list or subtitle?), "
+                           "not a media file")
+    return path
+
+
+def output_path(root: Path, rel: str) -> Path:
+    """The resolved path a job's file output is published at: inside root, its directory
+    existing or creatable. Raises InvalidInput (never anything else)."""
+    try:
+        return _output_path(root, rel)
+    except InvalidInput:
+        raise
+    except Exception as e:
+        raise InvalidInput(f"output {_short(rel)}: {_os_reason(e)}") from e
+
+
+def _output_path(root: Path, rel: str) -> Path:
+    what = "output"
+    base = _real_root(root)
+    _check_lengths(what, rel, base / rel)
+    path = Path(os.path.realpath(os.fspath(base / rel)))
+    if not _inside(base, path):
+        raise InvalidInput(f"{what} {_short(rel)} resolves outside the agent's output root "
+                           f"{base}")
+    _check_lengths(what, rel, path)
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        if e.errno != errno.ENOTDIR:
+            raise InvalidInput(f"{what} {_short(rel)}: {_os_reason(e)}") from e
+        st = None  # reported below, for the directory
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        raise InvalidInput(f"{what} {_short(rel)} exists and is {_kind(st.st_mode)}")
+    # The deepest existing ancestor must be a writable directory: the rest is created.
+    parent = path.parent
+    while True:
+        try:
+            pst = os.stat(parent)
+            break
+        except FileNotFoundError:
+            if parent == parent.parent:
+                raise InvalidInput(f"{what} {_short(rel)}: no existing directory") from None
+            parent = parent.parent
+        except OSError as e:
+            raise InvalidInput(f"{what} {_short(rel)}: cannot create its directory: "
+                               f"{_os_reason(e)}") from e
+    if not stat.S_ISDIR(pst.st_mode):
+        raise InvalidInput(f"{what} {_short(rel)}: cannot create its directory: {parent} is "
+                           f"{_kind(pst.st_mode)}")
+    if not os.access(parent, os.W_OK | os.X_OK,
+                     effective_ids=os.access in os.supports_effective_ids):
+        raise InvalidInput(f"{what} {_short(rel)}: cannot create it: {parent} is not writable "
+                           "by the agent")
+    return path
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+
+def build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root: Path,
+               workdir: Path, job_id: int, *, allow_url: NetPolicy | None = None) -> Plan:
+    """The argv and output paths for one ffmpeg job; raises InvalidInput (and nothing else)
+    for an unusable spec. `allow_url`: where URL inputs and rtmp outputs may connect (default:
+    public addresses only)."""
+    try:
+        return _build_plan(spec, ffmpeg, input_root, output_root, workdir, job_id,
+                           allow_url or DEFAULT_POLICY)
+    except InvalidInput:
+        raise
+    except Exception as e:  # a spec shape nobody foresaw: refused, never an agent crash
+        raise InvalidInput(f"bad spec: {type(e).__name__}: {e}") from e
+
+
+def _destination(policy: NetPolicy, url: str, what: str) -> Destination:
+    try:
+        return policy.check_url(url, what)
+    except DestinationRefused as e:
+        raise InvalidInput(str(e)) from e
+
+
+def _build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root: Path,
+                workdir: Path, job_id: int, policy: NetPolicy) -> Plan:
+    if not isinstance(spec, dict):
+        raise InvalidInput("bad spec: not a map")
+    try:
+        preset = check_preset(spec.get("preset"))
         check_input(spec.get("input"))
         check_output(spec.get("output"), preset)
-    except (KeyError, TypeError, ScenarioError) as e:
+    except ScenarioError as e:
         raise InvalidInput(f"bad spec: {e}") from e
     params = spec.get("params") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("bad spec: params: must be a map")
     source: str = spec["input"]
     output: str | None = spec.get("output")
     live = bool(output and output.startswith(("rtmp://", "rtmps://")))
+    out_dest = _destination(policy, output, "output") if live and output else None
     argv = [ffmpeg, "-hide_banner", "-nostdin", "-nostats", "-loglevel", "error",
             "-progress", "pipe:1", "-y"]
     duration: float | None
+    probe: list[str] | None = None
     if source.startswith(TESTSRC):
         src = parse_testsrc(source)
         duration = src["duration"]
@@ -83,14 +312,16 @@ def build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root:
         vmap, amap = "0:v", "1:a"
     elif "://" in source:
         duration = None
-        argv += ["-protocol_whitelist", URL_WHITELIST] + (["-re"] if live else []) + ["-i", source]
+        dest = _destination(policy, source, "input")
+        argv += ["-protocol_whitelist", dest.protocols, "-format_whitelist", FORMAT_WHITELIST,
+                 *dest.args] + (["-re"] if live else []) + ["-i", dest.url]
         vmap, amap = "0:v:0?", "0:a:0?"
     else:
-        path = _inside(input_root, source)
-        if not path.is_file():
-            raise InvalidInput(f"input {source!r} not found under {input_root}")
-        duration = probe_duration(ffmpeg, path)
-        argv += ["-protocol_whitelist", "file"] + (["-re"] if live else []) + ["-i", str(path)]
+        path = input_path(input_root, source)
+        duration = None
+        local = ["-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST]
+        probe = [ffmpeg, "-hide_banner", "-nostdin", *local, "-i", str(path)]
+        argv += local + (["-re"] if live else []) + ["-i", str(path)]
         vmap, amap = "0:v:0?", "0:a:0?"
     if preset.encoder is not None:
         argv += ["-map", vmap]
@@ -106,11 +337,12 @@ def build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root:
         argv += ["-t", f"{cut:g}"]
         duration = min(duration, cut) if duration else cut
     argv += _video_args(preset) + _audio_args(preset) + list(preset.extra_args)
-    if live:
-        return Plan(argv + ["-f", "flv", output or ""], duration, None, None, True)
-    final = _inside(output_root, output or f"job-{job_id}.{preset.extension}")
+    if out_dest is not None:
+        return Plan(argv + [*out_dest.args, "-f", "flv", out_dest.url], duration, None, None,
+                    True, probe)
+    final = output_path(output_root, output or f"job-{job_id}.{preset.extension}")
     tmp = workdir / f"output.{preset.extension}"
-    return Plan(argv + ["-f", preset.container, str(tmp)], duration, tmp, final, False)
+    return Plan(argv + ["-f", preset.container, str(tmp)], duration, tmp, final, False, probe)
 
 
 def _video_args(p: Preset) -> list[str]:
