@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.admission import Reservation
 from bus.security import PeerKeys
@@ -20,6 +21,7 @@ class AgentConfig:
     name: str = socket.gethostname()
     slots: int = 4
     metrics: str | None = "127.0.0.1:9471"
+    metrics_tries: int = 1  # the default port: try this many ports upward while taken
     heartbeat_s: float = 1.0  # until the master's WELCOME says otherwise
     liveness: int = 3
     default_timeout_s: float | None = None
@@ -40,3 +42,8 @@ class AgentConfig:
     typical_reservation: Reservation | None = None  # must fit to grant a credit (default: above)
     keys: PeerKeys | None = None  # CURVE keys (bus/security.py); None: plain TCP
     bandwidth_mbps: float | None = None  # link capacity for utilisation metrics; None: NIC speed
+    allow_url: Any = None  # NetPolicy: URL destinations allowed beyond public ones (INPUTS.md)
+    insecure: bool = False  # allow a keyless connection to a non-loopback master
+    job_nice: int = 10  # workloads run this much nicer than the agent (its heartbeat comes first)
+    stop_grace_s: float = 30.0  # SIGTERM: running jobs may finish this long, then are handed back
+    ack_wait_s: float = 2.0  # at stop: how long to wait for the master to acknowledge results

@@ -12,8 +12,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -25,29 +25,20 @@ from bus.vocab import REASONS, STATUSES
 
 log = logging.getLogger("ffrtmp.agent")
 
+TURN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 RUN_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 MB = 2**20
+METRICS_HOST, METRICS_PORT = "127.0.0.1", 9471  # the default --metrics
 
 
 class MetricsError(Exception):
     """The metrics endpoint cannot be served (bad HOST:PORT or the port is taken)."""
 
 
-class ObservedAgent(Protocol):
-    """What the collector reads of agent.loop.Agent."""
-
-    cfg: Any
-    running: dict[int, Any]
-    unacked: dict[Any, Any]
-    granted: int
-    registered: bool
-    draining: bool
-
-
 class AgentMetrics:
     """The agent's counters and its scrape-time collector."""
 
-    def __init__(self, registry: CollectorRegistry, agent: ObservedAgent, version: str = "",
+    def __init__(self, registry: CollectorRegistry, cfg: Any, version: str = "",
                  bandwidth_mbps: float | None = None) -> None:
         self.registry = registry
         self.finished_jobs = Counter("ffrtmp_agent_jobs_finished_total",
@@ -59,11 +50,29 @@ class AgentMetrics:
         self.connects = Counter("ffrtmp_agent_connects_total",
                                 "Connections (HELLOs) to the master, reconnects included",
                                 registry=registry)
+        self.turn_seconds = Histogram("ffrtmp_agent_loop_turn_seconds",
+                                      "Duration of the agent loop's turns (its heartbeat waits "
+                                      "at most this long)", buckets=TURN_BUCKETS,
+                                      registry=registry)
         self._lock = threading.Lock()
         self._done = [0, 0]  # bytes in, out of finished attempts
         self._reported = [0.0, 0.0]  # keeps the byte counters monotonic across a finish
-        registry.register(_AgentCollector(self, agent, version, bandwidth_mbps))
+        self.worst_turn = 0.0  # the longest loop turn since start, s
+        self.view: Callable[[], Any] | None = None  # the core's View (agent/core.py)
+        self.admission: Callable[[], dict[str, float]] | None = None
+        registry.register(_AgentCollector(self, cfg, version, bandwidth_mbps))
         ProcessCollector(namespace="ffrtmp_agent", registry=registry)
+
+    def observe(self, view: Callable[[], Any],
+                admission: Callable[[], dict[str, float]] | None = None) -> None:
+        """What the scrape reads: the core's view and admission's snapshot (both copies)."""
+        self.view, self.admission = view, admission
+
+    def turn(self, seconds: float) -> None:
+        """One loop turn took this long."""
+        self.turn_seconds.observe(seconds)
+        if seconds > self.worst_turn:
+            self.worst_turn = seconds
 
     def connected(self) -> None:
         """A new connection to the master (first or reconnect)."""
@@ -102,48 +111,55 @@ def link_capacity_bytes(mbps: float | None) -> float:
 
 
 class _AgentCollector(Collector):
-    def __init__(self, metrics: AgentMetrics, agent: ObservedAgent, version: str,
+    def __init__(self, metrics: AgentMetrics, cfg: Any, version: str,
                  bandwidth_mbps: float | None) -> None:
         self._m = metrics
-        self._agent = agent
+        self._cfg = cfg
         self._version = version
         self._capacity = link_capacity_bytes(bandwidth_mbps)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        agent = self._agent
+        cfg = self._cfg
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(name, doc, value=value)
 
         info = GaugeMetricFamily("ffrtmp_agent_info", "Always 1: the agent's name and version",
                                  labels=["agent", "version"])
-        info.add_metric([agent.cfg.name, self._version], 1)
+        info.add_metric([cfg.name, self._version], 1)
         yield info
         yield gauge("ffrtmp_agent_up", "1 while the agent serves metrics", 1)
-        yield gauge("ffrtmp_agent_connected", "1 while the master has welcomed this agent",
-                    float(agent.registered))
-        yield gauge("ffrtmp_agent_draining", "1 while the master has this agent draining",
-                    float(agent.draining))
-        yield gauge("ffrtmp_agent_slots", "Jobs this agent runs at once", agent.cfg.slots)
-        running = list(agent.running.values())  # one C-level copy: safe against the loop
-        yield gauge("ffrtmp_agent_jobs_running", "Attempts running now", len(running))
-        yield gauge("ffrtmp_agent_credit_granted", "Credit granted and not yet used",
-                    agent.granted)
-        yield gauge("ffrtmp_agent_results_unacked", "Results the master has not acknowledged",
-                    len(agent.unacked))
-        yield from self._bytes(running)
-        yield from self._host(agent)
-        yield from self._admission(getattr(agent, "admission", None))
+        yield gauge("ffrtmp_agent_slots", "Jobs this agent runs at once", cfg.slots)
+        yield gauge("ffrtmp_agent_loop_worst_turn_seconds",
+                    "The longest loop turn since the agent started (liveness: the heartbeat "
+                    "waits at most this long)", self._m.worst_turn)
+        view = self._m.view() if self._m.view is not None else None
+        if view is not None:
+            yield gauge("ffrtmp_agent_connected", "1 while the master has welcomed this agent",
+                        float(view.registered))
+            yield gauge("ffrtmp_agent_draining", "1 while the master has this agent draining",
+                        float(view.draining))
+            yield gauge("ffrtmp_agent_stopping", "1 while this agent is stopping (SIGTERM)",
+                        float(view.stopping))
+            yield gauge("ffrtmp_agent_jobs_running", "Attempts running now", len(view.running))
+            yield gauge("ffrtmp_agent_credit_granted", "Credit granted and not yet used",
+                        view.granted)
+            yield gauge("ffrtmp_agent_results_unacked",
+                        "Results the master has not acknowledged", view.unacked)
+            yield from self._bytes(view.running)
+        yield from self._host(cfg)
+        yield from self._admission()
 
-    def _bytes(self, running: list[Any]) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def _bytes(self, running: list[tuple[dict[str, Any] | None, float]]
+               ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         now = time.monotonic()
         live_in = live_out = 0
         rate_in = rate_out = 0.0
-        for att in running:
-            fields = att.last_progress or {}
+        for last_progress, started in running:
+            fields = last_progress or {}
             b_in, b_out = int(fields.get("bytes_in") or 0), int(fields.get("bytes_out") or 0)
             live_in, live_out = live_in + b_in, live_out + b_out
-            elapsed = now - (getattr(att.run, "started", 0.0) or now)
+            elapsed = now - (started or now)
             if elapsed > 0:
                 rate_in, rate_out = rate_in + b_in / elapsed, rate_out + b_out / elapsed
         total_in, total_out = self._m.byte_totals(live_in, live_out)
@@ -170,7 +186,7 @@ class _AgentCollector(Collector):
             util.add_metric(["out"], rate_out / self._capacity)
             yield util
 
-    def _host(self, agent: ObservedAgent) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def _host(self, cfg: Any) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         cpu = CounterMetricFamily("ffrtmp_agent_host_cpu_seconds",
                                   "CPU time of the agent's host by mode (all cores)",
                                   labels=["mode"])
@@ -188,7 +204,7 @@ class _AgentCollector(Collector):
                                 "Host memory available without swapping",
                                 value=float(mem.available))
         try:
-            disk = psutil.disk_usage(str(agent.cfg.work_dir))
+            disk = psutil.disk_usage(str(cfg.work_dir))
         except OSError:
             return
         yield GaugeMetricFamily("ffrtmp_agent_disk_total_bytes",
@@ -196,13 +212,13 @@ class _AgentCollector(Collector):
         yield GaugeMetricFamily("ffrtmp_agent_disk_free_bytes",
                                 "Free space of the work dir's filesystem", value=float(disk.free))
 
-    def _admission(self, admission: Any) -> Iterator[GaugeMetricFamily]:
-        if admission is None or not hasattr(admission, "snapshot"):
+    def _admission(self) -> Iterator[GaugeMetricFamily]:
+        if self._m.admission is None:
             return
         snap: dict[str, float] | None = None
         for _ in range(3):  # the loop may be changing its reservations right now
             try:
-                snap = admission.snapshot()
+                snap = self._m.admission()
                 break
             except RuntimeError:
                 continue
@@ -222,8 +238,11 @@ class _AgentCollector(Collector):
                                         value=float(value) * scale)
 
 
-def serve(registry: CollectorRegistry, address: str) -> tuple[Any, threading.Thread]:
-    """Serve registry on http://HOST:PORT/metrics (PORT 0: any free port); MetricsError if not."""
+def serve(registry: CollectorRegistry, address: str,
+          tries: int = 1) -> tuple[Any, threading.Thread]:
+    """Serve registry on http://HOST:PORT/metrics (PORT 0: any free port); with tries > 1 a
+    taken port moves on to the next ones (the default port, so that several agents on one host
+    need no flag). MetricsError if it cannot be served."""
     host, sep, port = address.rpartition(":")
     try:
         number = int(port)
@@ -231,11 +250,18 @@ def serve(registry: CollectorRegistry, address: str) -> tuple[Any, threading.Thr
         number = -1
     if not sep or not 0 <= number <= 65535:
         raise MetricsError(f"--metrics {address!r}: expected HOST:PORT or 'off'")
-    try:
-        server, thread = _start_http_server(number, host or "127.0.0.1", registry=registry)
-    except OSError as e:
-        raise MetricsError(f"cannot serve metrics on {address}: {e}") from e
-    log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", server.server_port)
+    host = host or METRICS_HOST
+    for attempt in range(max(1, tries)):
+        try:
+            server, thread = _start_http_server(number + attempt, host, registry=registry)
+            break
+        except OSError as e:
+            if attempt + 1 >= max(1, tries) or number == 0 or number + attempt >= 65535:
+                flag = "another --metrics HOST:PORT or --metrics off" if tries <= 1 else \
+                    "--metrics HOST:PORT or --metrics off"
+                raise MetricsError(f"cannot serve metrics on {host}:{number + attempt}: {e} "
+                                   f"(give {flag})") from e
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server, thread
 
 

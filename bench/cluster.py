@@ -86,7 +86,7 @@ class LocalCluster:
                     "ffrtmp", "agent", "--master", self.agents_ep, "--name",
                     f"{self.agent_prefix}{i}",
                     "--slots", str(self.slots), "--work-dir", str(self.workdir / f"agent{i}"),
-                    "--metrics", "off", *self.agent_args]))
+                    "--metrics", "off", "--stop-grace", "0", *self.agent_args]))
         deadline = time.monotonic() + timeout
         with Client(self.clients_ep, timeout=1.0) as client:
             while time.monotonic() < deadline:

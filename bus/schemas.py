@@ -47,7 +47,8 @@ AGENT_TO_MASTER: dict[str, Schema] = {
         "duration_s": ("num", 0.0),
         "extra": ("map", {}),
     },
-    "HEARTBEAT": {},
+    # credit: the agent's granted-and-unused credit, so a CREDIT lost in transit is made good.
+    "HEARTBEAT": {"credit": ("int?", None)},
     "BYE": {},
     "ERROR": {"code": ("str", "internal"), "text": ("str", ""), "rid": ("any", None)},
 }

@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="HOST:PORT for /metrics, or 'off'")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval, s")
     p.add_argument("--liveness", type=int, default=3, help="missed heartbeats before dead")
+    p.add_argument("--assign-timeout", type=float, default=60.0,
+                   help="requeue (not charged) an attempt its agent has neither started, "
+                        "finished nor refused this long after its JOB, s")
     p.add_argument("--aging", type=float, default=60.0,
                    help="seconds of waiting that lift a job one priority level")
     p.add_argument("--recovery-grace", type=float, default=None,
@@ -70,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         agents=args.agents, clients=args.clients, events=args.events,
         metrics=None if args.metrics in ("off", "", "none") else args.metrics,
         insecure=args.insecure, keys_dir=args.keys, heartbeat_s=args.heartbeat,
-        liveness=args.liveness,
+        liveness=args.liveness, assign_timeout_s=args.assign_timeout,
         aging_s=args.aging, recovery_grace_s=args.recovery_grace, retry_base_s=args.retry_base,
         timeout_margin_s=args.timeout_margin,
         sla_done_s=args.sla_done_s, sla_wait_s=args.sla_wait_s, sla_target=args.sla_target,

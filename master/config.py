@@ -23,6 +23,7 @@ class MasterConfig:
     aging_s: float = 60.0
     recovery_grace_s: float | None = None  # default: 2 x heartbeat x liveness
     timeout_margin_s: float = 20.0  # backstop: CANCEL a job this long past its timeout_s
+    assign_timeout_s: float = 60.0  # an assignment neither started, finished nor refused by then
     retry_base_s: float = 1.0
     retry_cap_s: float = 60.0
     progress_flush_s: float = 1.0

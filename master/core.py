@@ -88,6 +88,9 @@ class MasterCore:
         self.agents.seen(conn, now)
         if cmd == "CREDIT":
             self.agents.credit(conn, msg["n"])
+        elif cmd == "HEARTBEAT":
+            if isinstance(msg.get("credit"), int):
+                self.agents.sync_credit(conn, msg["credit"])
         elif cmd in ("DONE", "REJECT") and len(msg.get("reason") or "") > MAX_REASON:
             self.out.send(AGENT, ident, "ERROR", {"code": "bad_body", "text":
                           f"{cmd}.reason: at most {MAX_REASON} characters"})
@@ -119,6 +122,10 @@ class MasterCore:
                 self._fence(conn, msg["id"], msg["attempt"])
         elif cmd == "ACCEPT":
             self.jobs.accept(job, now, wall)
+        elif cmd == "REJECT" and msg["reason"] == vocab.AGENT_SHUTDOWN:
+            # The agent is stopping cleanly and gives the attempt back, started or not: it is
+            # requeued (cancelled if a cancel was under way) without charging an attempt.
+            self.jobs.transition(job, sm.HAND_BACK, now, wall, reason=vocab.AGENT_SHUTDOWN)
         elif cmd == "REJECT":
             if self.jobs.can_reject(job):  # not after ACCEPT: too late to refuse
                 self.jobs.transition(job, sm.REJECT, now, wall, reason=msg["reason"])
@@ -230,8 +237,14 @@ class MasterCore:
                     "reason": vocab.TIMEOUT})
 
     def tick(self, now: float, wall: float) -> None:
-        """Liveness, heartbeats, retry promotion, orphan expiry."""
+        """Liveness, heartbeats, retry promotion, orphan expiry, unanswered assignments."""
         self._enforce_backstop(now, wall)
+        for job, agent in self.jobs.expire_assignments(now, wall):
+            log.warning("job %d attempt %d: agent %s never answered its JOB in %.0fs; requeued",
+                        job.id, job.attempt, agent, self.cfg.assign_timeout_s)
+            conn = self.agents.named(agent)
+            if conn is not None:
+                self._fence(conn, job.id, job.attempt)
         for conn in self.agents.liveness(now):
             self._drop(conn, now, wall, lost=True)
         if self.orphan_deadline and now >= self.orphan_deadline:

@@ -8,6 +8,7 @@ lands in the turn's outbox as a row update, an audit event and a STATE event. Ob
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
@@ -64,6 +65,9 @@ class LiveJobs:
         self.sched = Scheduler(cfg.aging_s)
         self.backstop = Backstop(cfg.timeout_margin_s)
         self._dirty: set[int] = set()  # jobs whose progress is not written yet
+        # (deadline, id, attempt) of assignments in the order made: one deadline for all, so a
+        # deque is a heap here. An attempt still `assigned` at its deadline was never answered.
+        self._assigned: deque[tuple[float, int, int]] = deque()
         self.finished_total = 0
         self.dispatched_total = 0
         # Told when a job's assignment ends (job id, agent name): the agents registry frees it.
@@ -167,7 +171,7 @@ class LiveJobs:
             self.backstop.forget(job.id)
         upd: dict[str, Any] = {"state": job.state, "attempt": job.attempt, "updated_at": wall,
                                **fields}
-        if event == sm.REJECT:
+        if event in (sm.REJECT, sm.HAND_BACK):
             upd["rejects"] = job.rejects
         elif event == sm.ASSIGN:
             if job.first_wait_s is None and job.created_at > 0:  # the SLA's wait: the first one
@@ -211,15 +215,34 @@ class LiveJobs:
     def assign(self, job: Job, agent: str, now: float, wall: float) -> dict[str, Any]:
         """Place a picked job on an agent; returns the spec to send in JOB."""
         job.agent = agent
+        job.answered = False
         self.transition(job, sm.ASSIGN, now, wall, agent=agent, not_before=None)
         spec: dict[str, Any] = msgpack.unpackb(job.spec)
         if spec.get("timeout_s"):
             self.backstop.arm(job.id, job.attempt, float(spec["timeout_s"]), now)
+        self._assigned.append((now + self.cfg.assign_timeout_s, job.id, job.attempt))
         self.dispatched_total += 1
         return spec
 
+    def expire_assignments(self, now: float, wall: float) -> Iterator[tuple[Job, str]]:
+        """Attempts not answered by assign_timeout_s: the agent never started, finished or
+        refused them (a JOB lost in transit). An assigned one is requeued without charging an
+        attempt, a cancelling one is cancelled; each is yielded with the agent it was on, to be
+        fenced there."""
+        while self._assigned and self._assigned[0][0] <= now:
+            _, job_id, attempt = self._assigned.popleft()
+            job = self._jobs.get(job_id)
+            if job is None or job.attempt != attempt or job.answered \
+                    or job.state not in (sm.ASSIGNED, sm.CANCELLING):
+                continue
+            agent = job.agent or ""
+            # assigned -> queued; cancelling (a cancel of a JOB that never arrived) -> cancelled
+            self.transition(job, sm.REJECT, now, wall, reason=vocab.UNACKNOWLEDGED)
+            yield job, agent
+
     def accept(self, job: Job, now: float, wall: float) -> None:
         """The agent started the attempt (ACCEPT)."""
+        job.answered = True
         if job.state == sm.ASSIGNED:
             self.transition(job, sm.ACCEPT, now, wall, started_at=wall)
             self.backstop.started(job.id, job.attempt, now)
@@ -272,6 +295,7 @@ class LiveJobs:
 
     def reclaim(self, job: Job, now: float) -> None:
         """An agent's HELLO says it still runs this attempt: keep the backstop on it."""
+        job.answered = True
         timeout = msgpack.unpackb(job.spec).get("timeout_s")
         if timeout and not self.backstop.watching(job.id):
             # Reclaimed after a master restart: watch it again, from now (generous).

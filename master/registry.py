@@ -207,6 +207,15 @@ class AgentRegistry:
             n = room
         conn.credit += n
 
+    def sync_credit(self, conn: AgentConn, n: int) -> None:
+        """A HEARTBEAT says the agent has granted n credits it has not been sent JOBs for: a
+        CREDIT lost in transit is made good (up only, and never beyond the free slots, so a
+        JOB still in flight can at most be followed by one the agent still has room for)."""
+        room = max(0, conn.slots - len(conn.jobs))
+        n = min(max(0, n), room)
+        if n > conn.credit:
+            conn.credit = n
+
     def took(self, conn: AgentConn, job_id: int, now: float) -> None:
         """A JOB went to this connection: it holds the job and spent one credit."""
         conn.jobs.add(job_id)

@@ -36,6 +36,7 @@ class Job:
     cancel_grace: float = 30.0
     created_at: float = 0.0  # epoch s of the submission (SLA)
     first_wait_s: float | None = None  # submission to first assignment, s (SLA)
+    answered: bool = False  # the agent answered the current attempt (ACCEPT, or HELLO.running)
 
 
 class Scheduler:

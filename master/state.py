@@ -30,6 +30,7 @@ CANCEL_DONE = "cancel_done"  # DONE status=cancelled
 CANCEL = "cancel"  # a client asked to cancel
 LOST = "lost"  # the agent died or dropped the attempt
 REJECT = "reject"  # the agent refused the attempt
+HAND_BACK = "hand_back"  # the agent stopped cleanly (agent_shutdown) and gave the attempt back
 UNPLACEABLE = "unplaceable"  # no agent can ever run it
 
 _RETRY = "retry-or-fail"  # marker: back to QUEUED if attempts are left, else the named state
@@ -50,6 +51,7 @@ TABLE: dict[tuple[str, str], str | tuple[str, str]] = {
     (CANCELLING, TIME_OUT): CANCELLED,
     (CANCELLING, CANCEL_DONE): CANCELLED,
     (CANCELLING, LOST): CANCELLED,
+    (CANCELLING, HAND_BACK): CANCELLED,
 }
 for _s in (ASSIGNED, RUNNING):
     TABLE[(_s, COMPLETE)] = COMPLETED
@@ -58,6 +60,7 @@ for _s in (ASSIGNED, RUNNING):
     TABLE[(_s, TIME_OUT)] = TIMED_OUT
     TABLE[(_s, CANCEL_DONE)] = CANCELLED
     TABLE[(_s, CANCEL)] = CANCELLING
+    TABLE[(_s, HAND_BACK)] = QUEUED  # not charged, like REJECT
 
 
 class IllegalTransition(Exception):
@@ -95,7 +98,7 @@ def transition(core: Core, event: str, reason: str | None = None) -> Outcome:
     attempt, rejects = core.attempt, core.rejects
     if event == ASSIGN:
         attempt += 1
-    elif event == REJECT:
+    elif event in (REJECT, HAND_BACK):
         rejects += 1
     retry = False
     if isinstance(target, tuple):

@@ -101,6 +101,8 @@ class Cluster:
         proc = self._spawn(f"agent-{name}", [
             "agent", "--master", self.agents_ep, "--name", name, "--slots", str(slots),
             "--work-dir", str(self.tmp / f"work-{name}"),
+            # Stopping a test cluster should not wait for jobs (a test gives its own grace).
+            "--stop-grace", "0",
             "--metrics", self._metrics_arg(f"agent-{name}"), *extra])
         self.agents[name] = proc
         if wait:

@@ -574,11 +574,12 @@ def test_nodes_is_paged(cluster: Cluster, ctx: zmq.Context) -> None:
 
 
 def test_a_reply_over_the_clients_limit_is_an_error_not_silence(cluster: Cluster) -> None:
-    # A spec may carry a long input path: 200 of ~60 KB are a ~12 MB GET reply (cap: 8 MiB).
-    spec = {"scenario": "720p-h264", "input": "in/" + "a" * 60_000}
+    # A spec may carry an input path of up to 1 KiB: 8,000 such jobs are a GET reply of more
+    # than 8 MiB (the clients' cap).
+    spec = {"scenario": "720p-h264", "input": "in/" + "/".join(["a" * 200] * 5)}
     ids: list[int] = []
-    for _ in range(4):  # 50 specs (~3 MB) per SUBMIT, under the 8 MiB request cap
-        ids += cluster.client.submit([spec] * 50)
+    for _ in range(4):  # 2,000 specs (~2.5 MB) per SUBMIT, under the 8 MiB request cap
+        ids += cluster.client.submit([spec] * 2000)
     with Client(cluster.clients_ep, timeout=5) as client, pytest.raises(ClientError) as err:
         client.get(ids)
     assert err.value.code == "too_large", f"{err.value.code}: {err.value.text}"

@@ -190,12 +190,28 @@ def test_jobs_without_timeout_or_done_in_time_are_left_alone() -> None:
     core.on_agent(IDENT, msg("DONE", id=job.id, attempt=1, status="completed"), 3.0, 1003.0)
     untimed = submit(core, {"scenario": "sleep", "params": {"seconds": 600}})
     core.dispatch(3.0, 1003.0)
+    core.on_agent(IDENT, msg("ACCEPT", id=untimed.id, attempt=1), 3.0, 1003.0)
     sent(core)
     for now in (10.0, 20.0, 100.0):
         heartbeat(core, now)
         core.tick(now, 1000.0 + now)
     assert not [m for m in sent(core) if m.command == "CANCEL"]
-    assert untimed.state == sm.ASSIGNED and len(core.jobs.backstop) == 0
+    assert untimed.state == sm.RUNNING and len(core.jobs.backstop) == 0
+
+
+def test_an_assignment_never_answered_is_requeued_uncharged_and_fenced() -> None:
+    """A JOB lost in transit (the agent never saw it): found by the in-process property test,
+    the job stayed `assigned` for ever while the agent went on heartbeating."""
+    core = core_with_agent()
+    job = submit(core, {"scenario": "sleep", "params": {"seconds": 1}})
+    core.dispatch(1.0, 1001.0)
+    sent(core)
+    for now in (30.0, 61.5):
+        heartbeat(core, now)
+        core.tick(now, 1000.0 + now)
+    assert job.state == sm.QUEUED and job.attempt - job.rejects == 0
+    fences = [m for m in sent(core) if m.command == "CANCEL"]
+    assert [(m["id"], m["attempt"], m["reason"]) for m in fences] == [(job.id, 1, "fenced")]
 
 
 # ----------------------------------------------------------------------- cancel vs completion

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from agent.core import View
 from agent.metrics import AgentMetrics, MetricsError, serve, stop_serving
 from bus.sockets import BindError
 from conftest import free_port
@@ -196,25 +197,19 @@ class FakeAdmission:
                 "disk_reserved_mb": 0.0, "disk_free_mb": -1.0}
 
 
-def fake_agent(tmp_path: Path, **kw: Any) -> SimpleNamespace:
-    cfg = SimpleNamespace(name="a1", slots=4, work_dir=tmp_path)
-    return SimpleNamespace(cfg=cfg, running={}, unacked={}, granted=2, registered=True,
-                           draining=False, **kw)
-
-
-def running(bytes_in: int, bytes_out: int, started: float) -> SimpleNamespace:
-    return SimpleNamespace(last_progress={"bytes_in": bytes_in, "bytes_out": bytes_out},
-                           run=SimpleNamespace(started=started))
+def fake_cfg(tmp_path: Path) -> SimpleNamespace:
+    return SimpleNamespace(name="a1", slots=4, work_dir=tmp_path)
 
 
 def test_agent_gauges_bytes_and_admission(tmp_path: Path) -> None:
     import time
 
     admission = FakeAdmission()
-    agent = fake_agent(tmp_path, admission=admission)
     reg = CollectorRegistry()
-    m = AgentMetrics(reg, agent, "0.1.0", bandwidth_mbps=8)  # 1e6 bytes/s
-    agent.running[7] = running(100, 5000, time.monotonic() - 10)
+    m = AgentMetrics(reg, fake_cfg(tmp_path), "0.1.0", bandwidth_mbps=8)  # 1e6 bytes/s
+    view = View(registered=True, draining=False, stopping=False, granted=2, unacked=0,
+                running=[({"bytes_in": 100, "bytes_out": 5000}, time.monotonic() - 10)])
+    m.observe(lambda: view, admission.snapshot)
     assert sample(reg, "ffrtmp_agent_jobs_running") == 1
     assert sample(reg, "ffrtmp_agent_job_bytes_out_total") == 5000
     out_rate = sample(reg, "ffrtmp_agent_bandwidth_bytes_per_second", direction="out") or 0
@@ -222,7 +217,7 @@ def test_agent_gauges_bytes_and_admission(tmp_path: Path) -> None:
     assert sample(reg, "ffrtmp_agent_bandwidth_utilisation_ratio",
                   direction="out") == pytest.approx(out_rate / 1e6, rel=0.05)
     # The attempt ends: between leaving `running` and its finish hook the counter never dips.
-    del agent.running[7]
+    view.running.clear()
     assert sample(reg, "ffrtmp_agent_job_bytes_out_total") == 5000
     m.finished("completed", None, 10.0, 120, 6000)
     assert sample(reg, "ffrtmp_agent_job_bytes_out_total") == 6000
@@ -240,7 +235,7 @@ def test_agent_gauges_bytes_and_admission(tmp_path: Path) -> None:
 
 def test_agent_without_admission_has_no_admission_gauges(tmp_path: Path) -> None:
     reg = CollectorRegistry()
-    AgentMetrics(reg, fake_agent(tmp_path))
+    AgentMetrics(reg, fake_cfg(tmp_path))
     assert "ffrtmp_agent_admission" not in generate_latest(reg).decode()
     assert sample(reg, "ffrtmp_agent_slots") == 4
 
@@ -250,7 +245,7 @@ def test_agent_without_admission_has_no_admission_gauges(tmp_path: Path) -> None
 
 def test_serve_on_port_zero_then_stop(tmp_path: Path) -> None:
     reg = CollectorRegistry()
-    AgentMetrics(reg, fake_agent(tmp_path))
+    AgentMetrics(reg, fake_cfg(tmp_path))
     handle = serve(reg, "127.0.0.1:0")
     port = handle[0].server_port
     try:

@@ -23,6 +23,7 @@ from master.state import (
     COMPLETED,
     FAIL,
     FAILED,
+    HAND_BACK,
     LIVE,
     LOST,
     NOT_RETRIED,
@@ -43,7 +44,8 @@ from master.state import (
     transition,
 )
 
-EVENTS = (ASSIGN, ACCEPT, COMPLETE, FAIL, TIME_OUT, CANCEL_DONE, CANCEL, LOST, REJECT, UNPLACEABLE)
+EVENTS = (ASSIGN, ACCEPT, COMPLETE, FAIL, TIME_OUT, CANCEL_DONE, CANCEL, LOST, REJECT, HAND_BACK,
+          UNPLACEABLE)
 RETRY = "retry"  # in EXPECTED: back to queued when attempts are left, else the named final state
 
 # The table as docs/protocol.md describes it, written out independently of master/state.py.
@@ -74,6 +76,10 @@ EXPECTED: dict[tuple[str, str], str | tuple[str, str]] = {
     (CANCELLING, TIME_OUT): CANCELLED,
     (CANCELLING, CANCEL_DONE): CANCELLED,
     (CANCELLING, LOST): CANCELLED,
+    # An agent stopping cleanly gives the attempt back (REJECT agent_shutdown), not charged.
+    (ASSIGNED, HAND_BACK): QUEUED,
+    (RUNNING, HAND_BACK): QUEUED,
+    (CANCELLING, HAND_BACK): CANCELLED,
 }
 ALL_PAIRS = [(s, e) for s in STATES for e in EVENTS]
 ILLEGAL = [p for p in ALL_PAIRS if p not in EXPECTED]
@@ -134,7 +140,7 @@ def test_plain_row(key: tuple[str, str], target: str) -> None:
     assert out.retry is False
     assert out.core.max_attempts == 3
     assert out.core.attempt == core.attempt + (1 if event == ASSIGN else 0)
-    assert out.core.rejects == core.rejects + (1 if event == REJECT else 0)
+    assert out.core.rejects == core.rejects + (1 if event in (REJECT, HAND_BACK) else 0)
     assert core.state == state  # the input core is not mutated (frozen)
 
 
@@ -316,7 +322,7 @@ class JobMachine(RuleBasedStateMachine):
         after = out.core
         assert after.max_attempts == before.max_attempts
         assert after.attempt == before.attempt + (1 if event == ASSIGN else 0)
-        assert after.rejects == before.rejects + (1 if event == REJECT else 0)
+        assert after.rejects == before.rejects + (1 if event in (REJECT, HAND_BACK) else 0)
 
         # Retries: only for a retryable failure with attempts left, and then always.
         retryable = (
@@ -329,7 +335,8 @@ class JobMachine(RuleBasedStateMachine):
         if out.retry:
             assert after.state == QUEUED
         if after.state == QUEUED and before.state != QUEUED:
-            assert out.retry or (event == REJECT and before.state == ASSIGNED)
+            assert out.retry or (event in (REJECT, HAND_BACK)
+                                 and before.state in (ASSIGNED, RUNNING))
 
         # Assignments: the only way into a live state is a fresh, strictly larger attempt.
         current = job.current
