@@ -189,7 +189,7 @@ def test_sigterm_hands_running_jobs_back_uncharged(cluster: Cluster) -> None:
     agent = cluster.start_agent("leaving", 2, "--stop-grace", "1")
     quick, slow = cluster.client.submit([
         {"scenario": "sleep", "params": {"seconds": 0.3}, "max_attempts": 1},
-        {"scenario": "sleep", "params": {"seconds": 60}, "max_attempts": 1}])
+        {"scenario": "sleep", "params": {"seconds": 5}, "max_attempts": 1}])
     wait_for(lambda: cluster.job(slow)["state"] == "running", 20)
     agent.send_signal(signal.SIGTERM)
     assert agent.wait(timeout=20) == 0
@@ -198,7 +198,7 @@ def test_sigterm_hands_running_jobs_back_uncharged(cluster: Cluster) -> None:
     assert job["events"][-1]["reason"] == "agent_shutdown"
     assert cluster.job(quick)["state"] == "completed"
     cluster.start_agent("next", 1)
-    final = cluster.wait_terminal([slow], timeout=120)
+    final = cluster.wait_terminal([slow], timeout=60)
     assert final[slow]["state"] == "completed", cluster.dump_logs()  # the attempt was not charged
 
 
