@@ -17,7 +17,8 @@ import psutil
 from bus.client import Client
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports on 127.0.0.1 that were free a moment ago."""
     socks = []
     try:
         for _ in range(n):
@@ -44,7 +45,7 @@ class LocalCluster:
                  agent_args: list[str] | None = None, agent_prefix: str | None = None) -> None:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="ffrtmp-bench-"))
         self.db_url = db_url or f"sqlite:///{self.workdir}/bench.db"
-        pa, pc, pe, pm = _free_ports(4)
+        pa, pc, pe, pm = free_ports(4)
         self.agents_ep = f"tcp://127.0.0.1:{pa}"
         self.clients_ep = f"tcp://127.0.0.1:{pc}"
         self.events_ep = f"tcp://127.0.0.1:{pe}"

@@ -39,6 +39,25 @@ def ffmpeg_version(ffmpeg: str) -> str:
     return out.stdout.decode("utf-8", "replace").splitlines()[0] if out.stdout else "unknown"
 
 
+def xargs(lines: list[str], parallel: int, root: Path, what: str) -> tuple[float, float]:
+    """Run shell lines with `xargs -P parallel` (commands file in root): makespan and the
+    children's CPU, s; BenchError naming `what` if any line failed."""
+    cmds = root / "commands.txt"
+    cmds.write_text("\n".join(lines) + "\n")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    with open(cmds, "rb") as stdin:
+        proc = subprocess.run(["xargs", "-P", str(parallel), "-d", "\n", "-n", "1", "sh", "-c"],
+                              stdin=stdin, capture_output=True, check=False)
+    makespan = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise BenchError(f"{what} ffmpeg run failed ({proc.returncode}): "
+                         f"{err[-1] if err else 'no output'}")
+    return makespan, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def run_direct(specs: list[dict[str, Any]], parallel: int, workdir: Path) -> dict[str, Any]:
     """Run each spec's ffmpeg command with `xargs -P parallel`; the wall-clock makespan."""
     if shutil.which("xargs") is None:
@@ -55,20 +74,7 @@ def run_direct(specs: list[dict[str, Any]], parallel: int, workdir: Path) -> dic
         job_dir.mkdir(parents=True)
         plan = build_plan(resolve(spec), ffmpeg, inputs, outputs, job_dir, i)
         lines.append(shlex.join(plan.argv) + " >/dev/null")
-    cmds = root / "commands.txt"
-    cmds.write_text("\n".join(lines) + "\n")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    with open(cmds, "rb") as stdin:
-        proc = subprocess.run(["xargs", "-P", str(parallel), "-d", "\n", "-n", "1", "sh", "-c"],
-                              stdin=stdin, capture_output=True, check=False)
-    makespan = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if proc.returncode != 0:
-        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise BenchError(f"direct ffmpeg run failed ({proc.returncode}): "
-                         f"{err[-1] if err else 'no output'}")
+    makespan, cpu = xargs(lines, parallel, root, "direct")
     shutil.rmtree(root, ignore_errors=True)
     return {"jobs": len(specs), "parallel": parallel, "makespan_s": round(makespan, 3),
             "cpu_s": round(cpu, 3), "command": lines[0] if lines else ""}

@@ -20,11 +20,9 @@ import contextlib
 import json
 import math
 import os
-import resource
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from bench.cluster import free_ports
 from bench.env import machine
 from bench.load import Driver, LoadError
 from bench.profiles import BenchError
@@ -95,7 +94,7 @@ class TreeCluster:
         self.slots = slots
         self.workdir = workdir
         self.scenarios = scenarios
-        pa, pc, pe = _free_ports(3)
+        pa, pc, pe = free_ports(3)
         self.agents_ep = f"tcp://127.0.0.1:{pa}"
         self.clients_ep = f"tcp://127.0.0.1:{pc}"
         self.events_ep = f"tcp://127.0.0.1:{pe}"
@@ -150,19 +149,6 @@ class TreeCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _median(xs: list[float]) -> float | None:
@@ -257,22 +243,11 @@ def direct_commands(spec: dict[str, Any], n: int, toml: Path, root: Path) -> lis
 
 def run_xargs(lines: list[str], parallel: int, root: Path) -> dict[str, Any]:
     """Run the lines with `xargs -P parallel`; makespan and CPU."""
-    cmds = root / "commands.txt"
-    cmds.write_text("\n".join(lines) + "\n")
+    from bench.direct import xargs  # imports the agent's argv builder: only when it runs
+
     for out in (root / "outputs").iterdir():
         out.unlink()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    with open(cmds, "rb") as stdin:
-        proc = subprocess.run(["xargs", "-P", str(parallel), "-d", "\n", "-n", "1", "sh", "-c"],
-                              stdin=stdin, capture_output=True, check=False)
-    makespan = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise BenchError(f"xargs ffmpeg run failed ({proc.returncode}): "
-                         f"{err[-1] if err else 'no output'}")
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    makespan, cpu = xargs(lines, parallel, root, "xargs")
     return {"makespan_s": makespan, "children_cpu_ms_per_job": 1e3 * cpu / len(lines)}
 
 
