@@ -22,6 +22,7 @@ from agent.cgroups import CgroupBackend, NoCgroups, resource_hooks
 from agent.config import AgentConfig
 from agent.ffmpeg.argv import InvalidInput, build_plan
 from agent.ffmpeg.hook import FFmpegHook
+from agent.ffmpeg.publish import OutputExists
 from agent.runner import Hook, ProcessRun, Result
 from agent.workloads import UnsupportedJob, build_argv, check_spec
 from bus import vocab
@@ -152,7 +153,8 @@ def prepare(spec: Any, job_id: int, attempt: int, ctx: Context) -> Prepared:
     """Prepare one attempt; never raises.
 
     UnsupportedJob -> Refused (REJECT: another agent may run it); InvalidInput -> Finished
-    failed `invalid_input` (not retried); anything else -> Finished failed `agent_error` with
+    failed `invalid_input` (not retried); OutputExists -> Finished failed `output_exists` (not
+    retried); anything else -> Finished failed `agent_error` with
     the exception in `extra.error` (retried elsewhere, charged), logged with its traceback.
     """
     try:
@@ -161,6 +163,8 @@ def prepare(spec: Any, job_id: int, attempt: int, ctx: Context) -> Prepared:
         return Refused(str(e)[:200])
     except InvalidInput as e:
         return failed(vocab.INVALID_INPUT, str(e))
+    except OutputExists as e:  # overwrite: false and a file at the output path (not retried)
+        return failed(vocab.OUTPUT_EXISTS, str(e))
     except Exception as e:  # containment: one job's bug ends that job, never the agent
         log.exception("job %s attempt %s: preparing failed", job_id, attempt)
         return failed(vocab.AGENT_ERROR, f"preparing failed: {type(e).__name__}: {e}")

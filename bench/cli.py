@@ -7,14 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench import overhead, suite
+from bench import overhead, suite, wait
 from bench.env import machine
 from bench.profiles import PROFILES, WORKLOADS, BenchError, customize, profile, workload
 from bench.progress import Bar
 from bench.report import aggregate, write
 from bench.run import RunSpec, run_all, versions
 
-MODES = ("run", "matrix", "depth", "store", "overhead")
+MODES = ("run", "matrix", "depth", "store", "overhead", "wait")
 # The depth sweep measures the master's dispatch: many in-agent slots, 10k measured jobs.
 DEPTH_DEFAULTS = {"agents": 3, "slots": 16, "jobs": 10_000, "batch": 1000, "latency_samples": 0}
 
@@ -27,12 +27,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "and write report.json, report.md and plot.svg. `bench matrix` runs the "
                     "test matrix, `bench depth` the queue-depth sweep.")
     p.add_argument("mode", nargs="?", default="run",
-                   metavar="{run,matrix,depth,store,overhead}",
+                   metavar="{run,matrix,depth,store,overhead,wait}",
                    help="run (default): one profile; matrix: the comparison matrix; "
                         "depth: dispatch rate with 0, 10k, 100k jobs already queued; "
                         "store: what the database alone absorbs per group-commit size; "
                         "overhead: one agent's cost per job (sleep jobs against the ideal, "
-                        "short ffmpeg jobs against xargs -P)")
+                        "short ffmpeg jobs against xargs -P); wait: `ffrtmp submit --count N "
+                        "--wait` against the bench's own driver on one cluster")
     p.add_argument("--profile", default="quick",
                    help=f"{', '.join(f'{k} ({v.jobs:,} jobs)' for k, v in PROFILES.items())}")
     p.add_argument("--workload", default="noop", help=f"{', '.join(WORKLOADS)} (default noop)")
@@ -136,6 +137,14 @@ def run(args: argparse.Namespace) -> int:
         elif args.mode == "store":
             out = _out(args, "store")
             paths = suite.store(out, bar, _list(args.dbs), args.jobs or 20_000, args.pg)
+        elif args.mode == "wait":
+            out = _out(args, "wait")
+            cfg = wait.Config(repeat=max(args.repeat, 1))
+            for key, value in (("jobs", args.jobs), ("agents", args.agents),
+                               ("slots", args.slots), ("timeout", args.timeout)):
+                if value is not None:
+                    setattr(cfg, key, value)
+            paths = wait.run(cfg, out, bar)
         elif args.mode == "overhead":
             out = _out(args, "overhead")
             paths = overhead.run(_overhead_config(args), out, bar)

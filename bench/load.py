@@ -1,10 +1,12 @@
-"""The load driver: pipelined SUBMITs on one DEALER, job STATE events on one SUB, one thread.
+"""The load driver: pipelined SUBMITs on one DEALER, job events on one SUB, one thread.
 
 Timing is taken where it is honest: a job's submit time is when its SUBMIT left this process
 (`time.perf_counter`), its end is when its terminal STATE event arrived here (the master publishes
 it only after the result is committed), so submit -> done latency is what a client sees. Queue
-wait is `assigned.at - queued.at`, both stamped by the master's clock. Events the PUB socket
-dropped are recovered with a low-rate GET and counted (`events_missed`), never silently guessed.
+wait is `assigned.at - queued.at`, both stamped by the master's clock. Events come from the
+`events` topic (every job event, consecutive sequence numbers); a gap (the PUB socket dropped
+some) is read back with EVENTS and counted (`events_missed`, those jobs get no latency sample),
+never silently guessed; a quiet stream with jobs unfinished is checked the same way.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class Outcome:
     final: dict[int, tuple[str, str | None]]  # id -> (state, reason)
     assigned_at: list[float]  # master wall times of first assignment (for the dispatch rate)
     timeline: list[Progress]
-    events_missed: int  # terminal states learned from GET because PUB dropped the event
+    events_missed: int  # terminal states read back with EVENTS because PUB dropped the event
     timed_out: bool
     requests: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,7 +77,8 @@ class Driver:
         self._own_ctx = ctx is None
         self.ctx = ctx or zmq.Context()
         self.dealer = connect_dealer(self.ctx, clients_ep)
-        self.sub = connect_sub(self.ctx, events_ep, ["job."])
+        self.sub = connect_sub(self.ctx, events_ep, ["events"])
+        self.seq: int | None = None  # the last event sequence number seen (None: none yet)
         self.request_timeout = request_timeout
         self._rids = itertools.count(1)
         self._poller = zmq.Poller()
@@ -164,14 +167,12 @@ class Driver:
                     self._count_final(state[0])
                 if job_id in self.assigned_at:
                     self.dispatched += 1
-        elif kind == "get":
-            for job in msg.get("jobs", []):
-                job_id = job["id"]
-                if job["state"] in TERMINAL and job_id not in self.final:
-                    self.missed += 1
-                    self.final[job_id] = (job["state"], job.get("reason"), 0.0, now)
-                    if job_id in self.sent:
-                        self._count_final(job["state"])
+        elif kind == "events":  # a gap read back: no honest receive time for these
+            self._record(msg["events"], now, replayed=True)
+            if msg.get("more"):
+                self._request("EVENTS", {"after": msg["last"], "limit": 10_000}, "events", None)
+            elif self.seq is not None:
+                self.seq = max(self.seq, msg["last"])
 
     def _count_final(self, state: str) -> None:
         self.done += 1
@@ -188,25 +189,41 @@ class Driver:
                 frames = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if len(frames) != 4 or frames[2] != b"STATE":
+            if len(frames) != 4 or frames[2] != b"EVENTS":
                 continue
             try:
-                ev = msgpack.unpackb(frames[3], raw=False)
-                job_id, state = ev["id"], ev["state"]
+                events = msgpack.unpackb(frames[3], raw=False)["events"]
+                first = events[0]["seq"]
             except Exception:  # not ours to judge; the master counts bad frames
                 continue
+            if self.seq is not None and first > self.seq + 1:  # dropped: read them back
+                self._request("EVENTS", {"after": self.seq, "limit": 10_000}, "events", None)
+            self._record(events, now)
+
+    def _record(self, events: list[dict[str, Any]], now: float, replayed: bool = False) -> None:
+        """Fold events in; `replayed` ones (read back with EVENTS) have no receive time."""
+        for ev in events:
+            try:
+                seq, job_id, state = ev["seq"], ev["id"], ev["state"]
+            except (KeyError, TypeError):
+                continue
+            if not replayed:
+                self.seq = seq if self.seq is None else max(self.seq, seq)
             at = ev.get("at") or 0.0
             if state == QUEUED:
                 if job_id not in self.queued_at:
                     self.queued_at[job_id] = at
-                    self.queued_recv[job_id] = now
+                    if not replayed:
+                        self.queued_recv[job_id] = now
             elif state == ASSIGNED:
                 if job_id not in self.assigned_at:
                     self.assigned_at[job_id] = at
                     if job_id in self.sent:
                         self.dispatched += 1
             elif state in TERMINAL and job_id not in self.final:
-                self.final[job_id] = (state, ev.get("reason"), at, now)
+                if replayed:
+                    self.missed += 1
+                self.final[job_id] = (state, ev.get("reason"), 0.0 if replayed else at, now)
                 if job_id in self.sent:
                     self._count_final(state)
 
@@ -276,13 +293,12 @@ class Driver:
                 if on_progress is not None:
                     on_progress(snap)
                 next_sample = now + sample_s
-            # -- events the PUB dropped: ask (rarely) for jobs that went quiet
+            # -- the last events of a run may be dropped with nothing after them: ask (rarely)
             quiet = now - max(self.last_terminal, last_poll, self.last_reply)
             if next_spec >= total and not self.waiting and quiet > STALL_S:
-                pending = [i for i in self.sent if i not in self.final]
-                for i in range(0, len(pending), GET_CHUNK):
-                    self._request("GET", {"ids": pending[i:i + GET_CHUNK]}, "get", None)
-                    requests += 1
+                self._request("EVENTS", {"after": self.seq or 0, "limit": 10_000}, "events",
+                              None)
+                requests += 1
                 last_poll = now
             wait = min(0.05, max(0.0, next_sample - now))
             if rate is not None and next_spec < total:
@@ -320,7 +336,7 @@ class Driver:
                 continue
             state, reason, at, recv = fin
             final[job_id] = (state, reason)
-            if at:  # from an event (a GET-recovered end has no honest receive time)
+            if at:  # from the stream (a read-back end has no honest receive time)
                 latency.append(1000 * (recv - sent))
                 if a_at is not None:
                     breakdown["assigned_to_done"].append(1000 * (at - a_at))

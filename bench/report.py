@@ -203,8 +203,8 @@ def markdown(r: dict[str, Any]) -> str:
     else:
         lines.append("None: every job completed.")
     if r.get("events_missed"):
-        lines += ["", f"{r['events_missed']} terminal states came from GET because the PUB "
-                  "socket dropped their events (their latencies are left out)."]
+        lines += ["", f"{r['events_missed']} terminal states were read back with EVENTS because "
+                  "the PUB socket dropped their events (their latencies are left out)."]
     if r.get("timed_out"):
         lines += ["", "**A run gave up before every job finished (timeout).**"]
     lines += ["", "## Plot", "", "![jobs over time and latency distribution](plot.svg)", ""]

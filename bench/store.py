@@ -23,21 +23,25 @@ SPEC = {"scenario": "noop", "input": None, "output": None, "params": {}, "priori
 def _turns(first_id: int, n: int, wall: float) -> list[WriteBatch]:
     ids = range(first_id, first_id + n)
     submit, assign, done = WriteBatch(), WriteBatch(), WriteBatch()
+    seq = 3 * first_id  # three events per job, sequence numbers as the master gives them
     for i in ids:
         submit.inserts.append({
             "id": i, "scenario": "noop", "spec": SPEC, "state": "queued", "priority": 1,
             "attempt": 0, "max_attempts": 3, "created_at": wall, "updated_at": wall,
             "timeout_s": None, "output": None, "idem_key": None, "reason": None,
             "extra": {"requires": "workload:noop"}})
+        submit.event(id=seq, job_id=i, at=wall, from_state=None, to_state="queued",
+                     reason="submitted", agent=None, attempt=0)
         assign.update(i, state="assigned", attempt=1, updated_at=wall, reason=None,
                       agent="bench0", not_before=None)
-        assign.event(job_id=i, at=wall, from_state="queued", to_state="assigned", reason=None,
-                     agent="bench0", attempt=1)
+        assign.event(id=seq + 1, job_id=i, at=wall, from_state="queued", to_state="assigned",
+                     reason=None, agent="bench0", attempt=1)
         done.update(i, state="completed", attempt=1, updated_at=wall, reason=None,
                     exit_code=0, bytes_in=0, bytes_out=0, extra={"duration_s": 0.0},
                     finished_at=wall, progress=1.0)
-        done.event(job_id=i, at=wall, from_state="assigned", to_state="completed", reason=None,
-                   agent="bench0", attempt=1)
+        done.event(id=seq + 2, job_id=i, at=wall, from_state="assigned", to_state="completed",
+                   reason=None, agent="bench0", attempt=1)
+        seq += 3
     return [submit, assign, done]
 
 

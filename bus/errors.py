@@ -17,11 +17,14 @@ class FfrtmpError(Exception):
 
 
 class ProtocolError(FfrtmpError):
-    """A frame or body that breaks docs/protocol.md; `rid` is echoed where it was readable."""
+    """A frame or body that breaks docs/protocol.md; `rid` and `command` are echoed in the
+    ERROR where they were readable (bus/codec.py decode fills them in)."""
 
-    def __init__(self, code: str, text: str, rid: object = None) -> None:
+    def __init__(self, code: str, text: str, rid: object = None,
+                 command: str | None = None) -> None:
         super().__init__(code, text)
         self.rid = rid
+        self.command = command
 
 
 class ClientError(FfrtmpError):

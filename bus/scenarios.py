@@ -126,11 +126,19 @@ def parse_bitrate(name: str, text: Any) -> int:
     return int(value)
 
 
+def fmt_number(x: float) -> str:
+    """A bound as people write it: 86400, not 86400.0 or 8.64e+04; 0.04 stays 0.04."""
+    if isinstance(x, int) or (math.isfinite(x) and float(x).is_integer()):
+        return str(int(x))
+    return repr(x)
+
+
 def _num(name: str, value: Any, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ScenarioError(f"{name}: must be a number, got {value!r}")
     if not lo <= value <= hi:
-        raise ScenarioError(f"{name}: must be between {lo:g} and {hi:g}, got {value!r}")
+        raise ScenarioError(f"{name}: must be between {fmt_number(lo)} and {fmt_number(hi)}, "
+                            f"got {value!r}")
     return float(value)
 
 
@@ -250,6 +258,26 @@ def check_output(value: Any, preset: Preset) -> None:
     if "://" in value:
         raise ScenarioError(f"output: only relative paths or rtmp:// URLs, got {_short(value)}")
     check_relative("output", value)
+
+
+def output_extension(value: str | None, preset: Preset) -> str | None:
+    """A file output whose extension goes with the preset's container: the preset's extension
+    added to a name without one (`clip` -> `clip.mp4`); ScenarioError for a mismatch
+    (`.mp4 does not go with webm (use .webm)`). None and rtmp(s):// URLs are returned as is."""
+    if value is None or value.startswith(("rtmp://", "rtmps://")):
+        return value
+    name = value.rsplit("/", 1)[-1]
+    if not name:
+        raise ScenarioError(f"output: names a directory, not a file: {_short(value)}")
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem.strip("."):  # 'clip', '.hidden': no extension
+        return f"{value}.{preset.extension}"
+    allowed = CONTAINERS.get(preset.container, (preset.extension,))
+    if ext.lower() not in allowed:
+        use = " or ".join(f".{e}" for e in allowed)
+        shown = "." + (ext if len(ext) <= 20 else ext[:20] + "…")
+        raise ScenarioError(f"output: {shown} does not go with {preset.container} (use {use})")
+    return value
 
 
 def _int_field(name: str, value: Any, lo: int, hi: int) -> int:

@@ -6,7 +6,8 @@ from typing import Any
 
 REQUIRED: Any = object()
 
-# kinds: int, num (int or float), str, bool, list, map, any; a trailing "?" also admits nil.
+# kinds: int, num (int or float), str, bool, list, map, any; a trailing "?" also admits nil;
+# rid: a client request id (bus/codec.py RID_RULE: an int 0..2^64-1 or a str of <= 128 bytes).
 Schema = dict[str, tuple[str, Any]]
 
 _ID_ATTEMPT: Schema = {"id": ("int", REQUIRED), "attempt": ("int", REQUIRED)}
@@ -68,7 +69,8 @@ MASTER_TO_AGENT: dict[str, Schema] = {
     "ERROR": {"code": ("str", "internal"), "text": ("str", ""), "rid": ("any", None)},
 }
 
-_RID: Schema = {"rid": ("any", None)}
+_RID: Schema = {"rid": ("rid", REQUIRED)}  # every client request carries one (checked first)
+_ECHO: Schema = {"rid": ("any", None)}  # replies echo it; an ERROR may lack it (unreadable)
 
 CLIENT_TO_MASTER: dict[str, Schema] = {
     "SUBMIT": {**_RID, "specs": ("list", REQUIRED), "idempotency_key": ("str?", None)},
@@ -76,9 +78,14 @@ CLIENT_TO_MASTER: dict[str, Schema] = {
     "LIST": {
         **_RID,
         "states": ("list?", None),
+        "scenarios": ("list?", None),
+        "agent": ("str?", None),
+        "since": ("num?", None),
         "limit": ("int", 100),
         "before_id": ("int?", None),
     },
+    "EVENTS": {**_RID, "after": ("int", 0), "limit": ("int", 1000), "ids": ("list?", None)},
+    "INFO": dict(_RID),
     "CANCEL": {**_RID, "ids": ("list", REQUIRED), "grace_s": ("num", 30.0)},
     "RETRY": {**_RID, "id": ("int", REQUIRED)},
     "NODES": {**_RID, "limit": ("int", 1000), "after": ("str?", None)},
@@ -87,13 +94,15 @@ CLIENT_TO_MASTER: dict[str, Schema] = {
 }
 
 MASTER_TO_CLIENT: dict[str, Schema] = {
-    "SUBMITTED": {**_RID, "ids": ("list", REQUIRED)},
-    "REPLY": {**_RID},
-    "ERROR": {**_RID, "code": ("str", "internal"), "text": ("str", "")},
+    "SUBMITTED": {**_ECHO, "ids": ("list", REQUIRED)},
+    "REPLY": {**_ECHO},
+    "ERROR": {**_ECHO, "code": ("str", "internal"), "text": ("str", ""),
+              "command": ("str?", None)},
 }
 
 EVENTS: dict[str, Schema] = {
-    "STATE": {"id": ("int", REQUIRED), "state": ("str", REQUIRED)},
+    "STATE": {"seq": ("int", REQUIRED), "id": ("int", REQUIRED), "state": ("str", REQUIRED)},
+    "EVENTS": {"events": ("list", REQUIRED)},
     "PROGRESS": {"id": ("int", REQUIRED)},
     "AGENT": {"name": ("str", REQUIRED), "event": ("str", REQUIRED)},
     "STATS": {},

@@ -13,8 +13,12 @@ from bus.security import MasterSecurity, PeerKeys, apply_peer
 DEFAULT_AGENTS = "tcp://127.0.0.1:5555"
 DEFAULT_CLIENTS = "tcp://127.0.0.1:5556"
 DEFAULT_EVENTS = "tcp://127.0.0.1:5557"
-AGENT_MAX_MSG = 1024 * 1024
-CLIENT_MAX_MSG = 8 * 1024 * 1024
+AGENT_MAX_MSG = 1024 * 1024  # agents: the master's cap and libzmq MAXMSGSIZE (over it: dropped)
+CLIENT_MAX_MSG = 8 * 1024 * 1024  # clients: the master's whole-message cap (over it: too_large)
+# libzmq MAXMSGSIZE of the master's clients socket (per frame): a frame up to this size is read
+# (and dropped) so that the master's own cap answers ERROR too_large; a larger frame is a silent
+# disconnect. It bounds what one message can make the master hold while it arrives.
+CLIENT_HARD_MAX = 64 * 1024 * 1024
 HWM = 100_000
 PEER_RCVHWM = 10_000  # messages one peer may have waiting at the master's ROUTERs
 
@@ -147,11 +151,7 @@ def connect_dealer(
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-    try:
-        sock.connect(endpoint(target))
-    except EndpointError:
-        sock.close(linger=0)
-        raise
+    _connect(sock, target)
     return sock
 
 
@@ -164,9 +164,18 @@ def connect_sub(ctx: zmq.Context, target: str, topics: list[str],
     sock.setsockopt(zmq.RCVHWM, HWM)
     for topic in topics or [""]:
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    _connect(sock, target)
+    return sock
+
+
+def _connect(sock: zmq.Socket, target: str) -> None:
+    """Connect, or close the socket and raise EndpointError: a socket left open would make
+    its context's term() wait forever (the CLI once hung for good on `--master HOST:PORT`)."""
     try:
         sock.connect(endpoint(target))
     except EndpointError:
         sock.close(linger=0)
         raise
-    return sock
+    except zmq.ZMQError as e:
+        sock.close(linger=0)
+        raise EndpointError(f"cannot connect to {target!r}: {e.strerror}") from e

@@ -35,7 +35,6 @@ AGENT_LOST = "agent_lost"
 CANCELLED_GRACEFUL = "cancelled_graceful"
 CANCELLED_FORCED = "cancelled_forced"
 INVALID_INPUT = "invalid_input"
-NO_CAPABLE_AGENT = "no_capable_agent"
 REJECTED = "rejected"
 SUBMITTED = "submitted"
 RETRY = "retry"
@@ -46,16 +45,17 @@ SIGNAL = "signal"  # the workload was killed by a signal (extra.signal names it)
 AGENT_SHUTDOWN = "agent_shutdown"  # the agent stopped cleanly and handed the attempt back
 AGENT_ERROR = "agent_error"  # the agent failed preparing, starting or supervising the attempt
 UNACKNOWLEDGED = "unacknowledged"  # an assignment the agent never answered (a JOB lost in transit)
+OUTPUT_EXISTS = "output_exists"  # the output file exists and the spec says overwrite: false
 
 # Why a job left a state (job reasons) and why an agent refused or stopped an attempt.
 REASONS = frozenset({
     EXIT_CODE, OOM_KILLED, TIMEOUT, STALLED, DISK_LIMIT, AGENT_LOST, CANCELLED_GRACEFUL,
-    CANCELLED_FORCED, INVALID_INPUT, NO_CAPABLE_AGENT, REJECTED, SUBMITTED, RETRY, CANCELLED,
+    CANCELLED_FORCED, INVALID_INPUT, REJECTED, SUBMITTED, RETRY, CANCELLED,
     FENCED, RESOURCES, DRAINING, SIGNAL, AGENT_SHUTDOWN,
-    AGENT_ERROR, UNACKNOWLEDGED,
+    AGENT_ERROR, UNACKNOWLEDGED, OUTPUT_EXISTS,
 })
 # Failures that would only fail again: not retried.
-NOT_RETRIED = frozenset({INVALID_INPUT, NO_CAPABLE_AGENT, OOM_KILLED, DISK_LIMIT})
+NOT_RETRIED = frozenset({INVALID_INPUT, OOM_KILLED, DISK_LIMIT, OUTPUT_EXISTS})
 
 # ---- priorities -------------------------------------------------------------------------------
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}  # name -> rank (lower is served first)
@@ -80,7 +80,7 @@ ROLE_OPERATE = "operate"
 ROLES = (ROLE_SUBMIT, ROLE_OPERATE)
 # What each role may ask; a request above the key's role gets ERROR forbidden.
 ROLE_COMMANDS = {
-    ROLE_SUBMIT: frozenset({"SUBMIT", "GET", "LIST", "NODES", "STATS"}),
-    ROLE_OPERATE: frozenset({"SUBMIT", "GET", "LIST", "NODES", "STATS", "CANCEL", "RETRY",
-                             "DRAIN"}),
+    ROLE_SUBMIT: frozenset({"SUBMIT", "GET", "LIST", "EVENTS", "NODES", "STATS", "INFO"}),
+    ROLE_OPERATE: frozenset({"SUBMIT", "GET", "LIST", "EVENTS", "NODES", "STATS", "INFO",
+                             "CANCEL", "RETRY", "DRAIN"}),
 }

@@ -29,6 +29,8 @@ def demo_specs() -> list[dict[str, Any]]:
         {"scenario": "audio-aac", "input": src.format(d=20), "output": "demo/audio.m4a",
          "priority": "low"},
     ]
+    for spec in specs:  # the demo's own folder: a re-run in the same --dir replaces them
+        spec["overwrite"] = True
     specs += [{"scenario": "noop", "priority": "low"} for _ in range(10)]
     return specs
 
@@ -101,5 +103,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a local demo cluster with a mixed batch of jobs")
     p.add_argument("--dir", help="where the database, logs and outputs go (default: a new "
                                  "temporary directory, kept)")
-    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--timeout", type=float, default=300, metavar="S",
+                   help="seconds the batch may take before the demo gives up")
     p.set_defaults(func=run)

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "generate", help="master keypair (kept if present) plus agent, client and operator keys",
         description="Names must be unique across kinds. With no names at all on a new DIR: one "
                     "agent named 'agent' and one client named 'client'.")
-    g.add_argument("dir", type=Path)
+    g.add_argument("dir", type=Path, help="the key directory (made if missing)")
     # Dests are plural on purpose: `args.client` is how `ffrtmp` spots a bus-client command.
     g.add_argument("--agent", dest="agents", action="append", default=None, metavar="NAME",
                    help="an agent keypair (repeatable); the agent must run as --name NAME")

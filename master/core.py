@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -42,13 +43,15 @@ class MasterCore:
     """Routes agent messages, dispatches, keeps time; owns the jobs, agents and outbox."""
 
     def __init__(
-        self, cfg: MasterConfig, next_id: int, metrics: MasterMetrics, rng: random.Random
+        self, cfg: MasterConfig, next_id: int, metrics: MasterMetrics, rng: random.Random,
+        next_seq: int = 1,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
         self.out = Outbox()
-        self.jobs = LiveJobs(cfg, next_id, self.out, metrics, rng, metrics.sla)
-        self.agents = AgentRegistry(cfg, self.out, metrics)
+        self.instance = secrets.token_hex(8)  # this master process (WELCOME, INFO)
+        self.jobs = LiveJobs(cfg, next_id, self.out, metrics, rng, metrics.sla, next_seq)
+        self.agents = AgentRegistry(cfg, self.out, metrics, self.instance)
         self.jobs.on_release = self.agents.release
         self.orphan_deadline = 0.0
         self.started = time.monotonic()

@@ -54,13 +54,14 @@ class LiveJobs:
     """Every non-terminal job, its queue and its timeout backstop."""
 
     def __init__(self, cfg: MasterConfig, next_id: int, outbox: Outbox, hooks: JobHooks,
-                 rng: random.Random, sla: SlaPolicy | None = None) -> None:
+                 rng: random.Random, sla: SlaPolicy | None = None, next_seq: int = 1) -> None:
         self.cfg = cfg
         self.out = outbox
         self.hooks = hooks
         self.rng = rng
         self.sla = sla or SlaPolicy(cfg.sla_done_s, cfg.sla_wait_s, cfg.sla_target)
         self.next_id = next_id
+        self.next_seq = next_seq  # the next event's sequence number (job_events.id)
         self._jobs: dict[int, Job] = {}
         self.sched = Scheduler(cfg.aging_s)
         self.backstop = Backstop(cfg.timeout_margin_s)
@@ -117,7 +118,7 @@ class LiveJobs:
         job = Job(id=job_id, scenario=spec["scenario"], spec=msgpack.packb(spec),
                   state=sm.QUEUED, priority=priority, attempt=0,
                   max_attempts=spec["max_attempts"], requires=requires, created_at=wall,
-                  extra=extra)
+                  extra=extra, retry_timeouts=bool(spec.get("retry_timeouts")))
         self._jobs[job_id] = job
         self.sched.push(job, now)
         reason = vocab.RETRY if retry_of else None
@@ -126,10 +127,20 @@ class LiveJobs:
             priority=priority, attempt=0, max_attempts=spec["max_attempts"], created_at=wall,
             updated_at=wall, timeout_s=spec["timeout_s"], output=spec["output"], idem_key=key,
             reason=reason, extra={"requires": requires, **extra})
-        self.out.publish(f"job.{job_id}.state", "STATE",
-                         {"id": job_id, "state": sm.QUEUED, "attempt": 0, "agent": None,
-                          "reason": reason or vocab.SUBMITTED, "at": wall})
+        self._event(job_id, wall, None, sm.QUEUED, reason or vocab.SUBMITTED, None, 0)
         return job_id
+
+    def _event(self, job_id: int, at: float, from_state: str | None, state: str,
+               reason: str | None, agent: str | None, attempt: int) -> None:
+        """Record one transition: the audit-trail row (its id is the event's sequence number)
+        and, after the commit, the event to subscribers."""
+        seq = self.next_seq
+        self.next_seq += 1
+        self.out.batch.event(id=seq, job_id=job_id, at=at, from_state=from_state,
+                             to_state=state, reason=reason, agent=agent, attempt=attempt)
+        self.out.job_event({"seq": seq, "id": job_id, "at": at, "from_state": from_state,
+                            "state": state, "reason": reason, "agent": agent,
+                            "attempt": attempt})
 
     def recover(self, rows: Iterable[dict[str, Any]], now: float, wall: float) -> None:
         """Reload non-terminal jobs after a start (queued ones go back to their queue)."""
@@ -142,7 +153,7 @@ class LiveJobs:
                 id=row["id"], scenario=row["scenario"], spec=msgpack.packb(row["spec"]),
                 state=row["state"], priority=row["priority"], attempt=row["attempt"],
                 max_attempts=row["max_attempts"], rejects=row.get("rejects") or 0,
-                requires=requires,
+                requires=requires, retry_timeouts=bool((row["spec"] or {}).get("retry_timeouts")),
                 extra={k: v for k, v in extra.items() if k != "requires"},
                 agent=row.get("agent"), progress=row.get("progress") or 0.0,
                 bytes_in=row.get("bytes_in") or 0, bytes_out=row.get("bytes_out") or 0,
@@ -164,8 +175,8 @@ class LiveJobs:
                    reason: str | None = None, **fields: Any) -> sm.Outcome:
         """Apply a state-machine input to a live job and record it (update, event, publish)."""
         before, agent = job.state, job.agent
-        out = sm.transition(sm.Core(job.state, job.attempt, job.max_attempts, job.rejects),
-                            event, reason)
+        out = sm.transition(sm.Core(job.state, job.attempt, job.max_attempts, job.rejects,
+                                    job.retry_timeouts), event, reason)
         job.state, job.attempt, job.rejects = out.core.state, out.core.attempt, out.core.rejects
         if job.state not in sm.LIVE:
             self.backstop.forget(job.id)
@@ -205,11 +216,7 @@ class LiveJobs:
                 upd["extra"] = {**upd.get("extra", stored_extra(job)), "sla_met": verdict}
             self.hooks.job_finished(job, reason, verdict)
         self.out.batch.update(job.id, **upd)
-        self.out.batch.event(job_id=job.id, at=wall, from_state=before, to_state=job.state,
-                             reason=reason, agent=job.agent or agent, attempt=job.attempt)
-        self.out.publish(f"job.{job.id}.state", "STATE",
-                         {"id": job.id, "state": job.state, "attempt": job.attempt,
-                          "agent": job.agent or agent, "reason": reason, "at": wall})
+        self._event(job.id, wall, before, job.state, reason, job.agent or agent, job.attempt)
         return out
 
     def assign(self, job: Job, agent: str, now: float, wall: float) -> dict[str, Any]:
@@ -286,7 +293,7 @@ class LiveJobs:
     def cancel(self, job: Job, grace_s: float, now: float, wall: float) -> bool:
         """A client CANCEL: a queued job ends at once (True); a live one starts cancelling."""
         if job.state == sm.QUEUED:
-            self.transition(job, sm.CANCEL, now, wall, reason=vocab.CANCELLED_GRACEFUL)
+            self.transition(job, sm.CANCEL, now, wall, reason=vocab.CANCELLED)  # no process ran
             return True
         if job.state != sm.CANCELLING:
             job.cancel_grace = grace_s

@@ -13,6 +13,10 @@ from storage import WriteBatch
 
 AGENT, CLIENT = "agent", "client"
 Outgoing = tuple[str, bytes, list[bytes]]  # (socket kind, peer identity, frames)
+# Events per coalesced `events` message: a slow subscriber's queue (events_hwm messages) then
+# holds at most ~2 000 x 100 events of ~120 bytes at the master.
+EVENTS_PER_MESSAGE = 100
+EVENTS_TOPIC = b"events"
 
 
 class Outbox:
@@ -22,6 +26,7 @@ class Outbox:
         self.batch = WriteBatch()
         self.messages: list[Outgoing] = []
         self.events: list[list[bytes]] = []
+        self.log: list[dict[str, Any]] = []  # the turn's job events, in seq order
 
     def send(self, kind: str, ident: bytes, command: str, body: dict[str, Any]) -> None:
         """Queue a message to one peer (AGENT or CLIENT) for after the commit."""
@@ -35,8 +40,22 @@ class Outbox:
         """Queue an event for after the commit."""
         self.events.append([topic.encode(), *encode(command, body)])
 
+    def job_event(self, event: dict[str, Any]) -> None:
+        """Queue a job event (an event view, docs/protocol.md "Events") for after the commit:
+        on its job's topic as STATE, and in the turn's coalesced `events` messages."""
+        self.events.append([f"job.{event['id']}.state".encode(), *encode("STATE", event)])
+        self.log.append(event)
+
     def take(self) -> tuple[WriteBatch, list[Outgoing], list[list[bytes]]]:
-        """Hand over the turn's batch, messages and events, and start a new turn."""
-        out = (self.batch, self.messages, self.events)
-        self.batch, self.messages, self.events = WriteBatch(), [], []
+        """Hand over the turn's batch, messages and events, and start a new turn.
+
+        The turn's job events go last, as `EVENTS {events: [...]}` messages of consecutive
+        sequence numbers, so a subscriber of `events` sees every event in order or a gap.
+        """
+        events = self.events
+        for start in range(0, len(self.log), EVENTS_PER_MESSAGE):
+            chunk = self.log[start:start + EVENTS_PER_MESSAGE]
+            events.append([EVENTS_TOPIC, *encode("EVENTS", {"events": chunk})])
+        out = (self.batch, self.messages, events)
+        self.batch, self.messages, self.events, self.log = WriteBatch(), [], [], []
         return out

@@ -71,8 +71,10 @@ def _attempts(running: list[Any]) -> int:
 class AgentRegistry:
     """Connected agents by connection and by name, plus the drained names."""
 
-    def __init__(self, cfg: MasterConfig, outbox: Outbox, metrics: MasterMetrics) -> None:
+    def __init__(self, cfg: MasterConfig, outbox: Outbox, metrics: MasterMetrics,
+                 instance: str = "ffrtmp") -> None:
         self.cfg = cfg
+        self.instance = instance  # the master process, named in WELCOME
         self.out = outbox
         self.metrics = metrics
         self._conns: dict[bytes, AgentConn] = {}
@@ -185,7 +187,7 @@ class AgentRegistry:
         self._by_name[name] = conn
         self.out.send(AGENT, ident, "WELCOME", {"heartbeat_s": self.cfg.heartbeat_s,
                                                 "liveness": self.cfg.liveness,
-                                                "master": "ffrtmp"})
+                                                "master": self.instance})
         # Either way: an agent that was away may have missed a DRAIN on or off.
         self.out.send(AGENT, ident, "DRAIN", {"on": conn.draining})
         self._save(conn, wall, vocab.NODE_DRAINING if conn.draining else vocab.NODE_ALIVE)

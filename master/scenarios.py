@@ -12,6 +12,7 @@ from bus.scenarios import (
     check_output,
     check_preset,
     load_toml,
+    output_extension,
 )
 from master.spec import ScenarioCheck, SpecError
 
@@ -27,6 +28,9 @@ def load_presets(toml_path: str | None) -> dict[str, Preset]:
 def make_checks(presets: dict[str, Preset]) -> dict[str, ScenarioCheck]:
     """A check per scenario: validates input/output/overrides and stores the resolved preset.
 
+    A file output's extension must go with the preset's container; one without an extension
+    gets the preset's (`clip` -> `clip.webm` for 1080p-vp9).
+
     The stored preset passes the same schema (`check_preset`) the agent applies to a JOB, so
     a preset the master stores is one every agent accepts.
     """
@@ -36,6 +40,10 @@ def make_checks(presets: dict[str, Preset]) -> dict[str, ScenarioCheck]:
             resolved = apply_overrides(presets[spec["scenario"]], spec["params"])
             check_input(spec["input"])
             check_output(spec["output"], resolved)
+            output = output_extension(spec["output"], resolved)  # refuses .mp4 for webm
+            if output != spec["output"]:  # the preset's extension added: bounds again
+                check_output(output, resolved)
+                spec["output"] = output
             wire = check_preset(resolved.to_wire()).to_wire()
         except ValueError as e:
             raise SpecError(str(e)) from e

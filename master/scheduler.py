@@ -37,6 +37,7 @@ class Job:
     created_at: float = 0.0  # epoch s of the submission (SLA)
     first_wait_s: float | None = None  # submission to first assignment, s (SLA)
     answered: bool = False  # the agent answered the current attempt (ACCEPT, or HELLO.running)
+    retry_timeouts: bool = False  # the spec's retry_timeouts (master/state.py)
 
 
 class Scheduler:

@@ -14,12 +14,13 @@ from typing import Any
 import zmq
 from prometheus_client import CollectorRegistry, start_http_server
 
-from bus.codec import decode, encode
+from bus.codec import RID_PEEK, decode, echo_rid, encode, peek
 from bus.errors import ProtocolError
 from bus.schemas import AGENT_TO_MASTER, CLIENT_TO_MASTER
 from bus.security import AGENTS_DOMAIN, CLIENTS_DOMAIN, MasterSecurity, Peer, parse_user_id
 from bus.sockets import (
     AGENT_MAX_MSG,
+    CLIENT_HARD_MAX,
     CLIENT_MAX_MSG,
     BindError,
     bind_pub,
@@ -59,11 +60,16 @@ _MALLOC_TRIM = _libc_trim()
 
 
 class Oversize(Exception):
-    """A message over the whole-message caps; its frames were read and dropped, not kept."""
+    """A message over the whole-message caps; its frames were read and dropped, not kept.
 
-    def __init__(self, ident: bytes, frames: int, size: int) -> None:
+    `kept` is what was kept of its first frames: the identity, then the header, command and
+    the first RID_PEEK bytes of the body as far as they came before the cap (for the ERROR's
+    `command` and `rid`).
+    """
+
+    def __init__(self, kept: list[bytes], frames: int, size: int) -> None:
         super().__init__(f"{frames} frames, {size} bytes")
-        self.ident, self.frames, self.size = ident, frames, size
+        self.ident, self.frames, self.size, self.kept = kept[0], frames, size, kept
 
 
 def recv_capped(sock: zmq.Socket, max_bytes: int, secured: bool
@@ -91,11 +97,19 @@ def recv_capped(sock: zmq.Socket, max_bytes: int, secured: bool
             continue
         frame = sock.recv()
         size += len(frame)
-        if size <= max_bytes:
-            frames.append(frame)
+        frames.append(frame if size <= max_bytes else frame[:RID_PEEK])
     if count > MAX_FRAMES or size > max_bytes:
-        raise Oversize(frames[0], count - 1, size)
+        raise Oversize(frames, count - 1, size)
     return frames, user
+
+
+def _refs(body: dict[str, Any], command: str | None, rid: Any) -> dict[str, Any]:
+    """An ERROR body with the `command` and `rid` it answers, those that could be read."""
+    if command is not None:
+        body["command"] = command
+    if rid is not None:
+        body["rid"] = rid
+    return body
 
 
 def _send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
@@ -121,7 +135,8 @@ class Master:
         self.metrics = MasterMetrics(self.registry, scenarios,
                                      SlaPolicy(cfg.sla_done_s, cfg.sla_wait_s, cfg.sla_target))
         self.store = Store(cfg.db_url)
-        self.core = MasterCore(cfg, self.store.max_job_id() + 1, self.metrics, random.Random())
+        self.core = MasterCore(cfg, self.store.max_job_id() + 1, self.metrics, random.Random(),
+                               self.store.max_event_seq() + 1)
         self.requests = Requests(self.core, self.store, scenarios)
         self.core.agents.probe = self._probe
         self.metrics.watch(self.core.snapshot, self._nodes)
@@ -148,7 +163,8 @@ class Master:
             sec, insecure = self.security, self.cfg.insecure
             self.agents = bind_router(self.ctx, self.cfg.agents, AGENT_MAX_MSG, insecure,
                                       sec, AGENTS_DOMAIN)
-            self.clients = bind_router(self.ctx, self.cfg.clients, CLIENT_MAX_MSG, insecure,
+            # libzmq's cap above the master's own: an over-size request is answered too_large
+            self.clients = bind_router(self.ctx, self.cfg.clients, CLIENT_HARD_MAX, insecure,
                                        sec, CLIENTS_DOMAIN, sndhwm=self.cfg.client_reply_hwm)
             self.events = bind_pub(self.ctx, self.cfg.events, insecure, sec, CLIENTS_DOMAIN,
                                    sndhwm=self.cfg.events_hwm)
@@ -269,9 +285,10 @@ class Master:
             except Oversize as e:
                 self.metrics.bad_frames.labels(kind, "too_large").inc()
                 self._trim_due = True
-                self.core.out.send(kind, e.ident, "ERROR", {"code": "too_large", "text": (
+                body: dict[str, Any] = {"code": "too_large", "text": (
                     f"message of {e.frames} frames and {e.size} bytes: at most 3 frames and "
-                    f"{max_msg} bytes in all")})
+                    f"{max_msg} bytes in all")}
+                self.core.out.send(kind, e.ident, "ERROR", _refs(body, *peek(e.kept[1:])))
 
     def _decode(self, kind: str, ident: bytes, rest: list[bytes]) -> Any:
         """The decoded message, or None after answering ERROR for a bad one."""
@@ -280,9 +297,7 @@ class Master:
         except ProtocolError as e:
             self.metrics.bad_frames.labels(kind, e.code).inc()
             log.debug("bad frame from %s %r: %s", kind, ident, e)
-            body: dict[str, Any] = {"code": e.code, "text": e.text}
-            if e.rid is not None:
-                body["rid"] = e.rid
+            body = _refs({"code": e.code, "text": e.text}, e.command, e.rid)
             self.core.out.send(kind, ident, "ERROR", body)
             return None
 
@@ -306,9 +321,9 @@ class Master:
     def _unidentified(self, kind: str, ident: bytes, msg: Any) -> None:
         """With keys, a message whose key names no peer of this socket is refused (fail closed)."""
         self.metrics.bad_frames.labels(kind, "forbidden").inc()
-        self.core.out.send(kind, ident, "ERROR", {
-            "code": "forbidden", "rid": msg.get("rid"), "command": msg.command,
-            "text": "this connection's key names no peer of this socket"})
+        self.core.out.send(kind, ident, "ERROR", _refs({
+            "code": "forbidden", "text": "this connection's key names no peer of this socket"},
+            msg.command, echo_rid(msg.get("rid"))))
 
     def _serve_agents(self, now: float, wall: float) -> None:
         """Every agent message waiting, up to max_messages_per_turn."""
@@ -426,13 +441,15 @@ class Master:
             if got is None:
                 continue
             ident, rest, _ = got
+            command: str | None
             try:
-                rid = decode(rest, CLIENT_TO_MASTER).get("rid")
+                msg = decode(rest, CLIENT_TO_MASTER)
+                command, rid = msg.command, msg.get("rid")
             except ProtocolError as e:
-                rid = e.rid
+                command, rid = e.command, e.rid
             self.metrics.client_errors.labels("unavailable").inc()
-            body = {"code": "unavailable", "text": "database unavailable: request not applied",
-                    "rid": rid}
+            body = _refs({"code": "unavailable",
+                          "text": "database unavailable: request not applied"}, command, rid)
             try:
                 _send_frames(self.clients, [ident, *encode("ERROR", body)])
             except zmq.ZMQError:

@@ -1,18 +1,13 @@
-"""Job, event and node views with the stable field names of docs/protocol.md."""
+"""Job, event and node views with the stable field names of docs/protocol.md.
+
+Times on the wire are float UNIX epoch seconds, everywhere (docs/protocol.md "Frames").
+"""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 from master.scheduler import PRIORITY_NAMES, Job
-
-
-def iso(ts: float | None) -> str | None:
-    """A UNIX timestamp as ISO 8601 UTC, or None."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
 def job_view(row: dict[str, Any], live: Job | None = None) -> dict[str, Any]:
@@ -31,9 +26,9 @@ def job_view(row: dict[str, Any], live: Job | None = None) -> dict[str, Any]:
         "bytes_out": row.get("bytes_out") or 0,
         "exit_code": row.get("exit_code"),
         "reason": row.get("reason"),
-        "created_at": iso(row.get("created_at")),
-        "started_at": iso(row.get("started_at")),
-        "finished_at": iso(row.get("finished_at")),
+        "created_at": row.get("created_at"),
+        "started_at": row.get("started_at"),
+        "finished_at": row.get("finished_at"),
         "resource_limits": spec.get("resource_limits") or {},
         "timeout_s": row.get("timeout_s"),
         "output": row.get("output"),
@@ -54,12 +49,14 @@ def job_view(row: dict[str, Any], live: Job | None = None) -> dict[str, Any]:
 
 
 def event_view(row: dict[str, Any]) -> dict[str, Any]:
-    """One audit-trail event."""
+    """One event, as PUB STATE, GET events and EVENTS carry it, from a job_events row."""
     return {
-        "at": iso(row["at"]),
+        "seq": row["id"],
+        "id": row["job_id"],
+        "at": row["at"],
         "from_state": row.get("from_state"),
-        "to_state": row["to_state"],
+        "state": row["to_state"],
         "reason": row.get("reason"),
         "agent": row.get("agent"),
-        "attempt": row.get("attempt"),
+        "attempt": row.get("attempt") or 0,
     }

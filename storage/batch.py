@@ -10,10 +10,10 @@ from typing import Any
 class WriteBatch:
     """Pure data, no I/O: Store.apply writes all of it in one transaction or none of it.
 
-    inserts: full job rows with a master-allocated 'id'; each also gets a creation event
-             whose reason is the row's 'reason' or 'submitted'.
+    inserts: full job rows with a master-allocated 'id' (their creation events are events).
     updates: job id -> changed columns (merged by update(); the later value wins).
-    events:  job_event rows (job_id, at, from_state, to_state, reason, agent, attempt).
+    events:  job_event rows (id = sequence number, job_id, at, from_state, to_state, reason,
+             agent, attempt).
     agents:  agent name -> full agent row to upsert.
     deletes: ids of terminal jobs to delete together with their events (retention).
     forgets: names of agents whose records to delete if they are (still) lost or left.
@@ -60,7 +60,7 @@ class WriteBatch:
         return not self.is_empty()
 
     def __len__(self) -> int:
-        """Number of row operations queued (automatic 'submitted' events not counted)."""
+        """Number of row operations queued."""
         return (
             len(self.inserts) + len(self.updates) + len(self.events)
             + len(self.agents) + len(self.deletes) + len(self.forgets)

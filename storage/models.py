@@ -48,10 +48,12 @@ JOB_DEFAULTS: dict[str, Any] = {
 } | {"max_attempts": 3}
 JOB_JSON = frozenset({"spec", "extra"})
 
+# `id` is the event's sequence number (docs/protocol.md "Events"), allocated by the master (the
+# single writer) in commit order, so it is given explicitly, never by the database.
 EVENT_COLUMNS: tuple[str, ...] = (
-    "job_id", "at", "from_state", "to_state", "reason", "agent", "attempt",
+    "id", "job_id", "at", "from_state", "to_state", "reason", "agent", "attempt",
 )
-EVENT_REQUIRED = frozenset({"job_id", "at", "to_state"})
+EVENT_REQUIRED = frozenset({"id", "job_id", "at", "to_state"})
 EVENT_DEFAULTS: dict[str, Any] = {"attempt": 0}
 
 AGENT_COLUMNS: tuple[str, ...] = ("name", "state", "slots", "info", "first_seen", "last_seen")
@@ -123,7 +125,7 @@ def make_models(db: peewee.Database, strict: bool = False) -> Models:
             indexes = ((("state", "priority", "id"), False), (("finished_at",), False))
 
     class JobEvent(Base):
-        id = peewee.BigAutoField()
+        id = peewee.BigAutoField()  # the event's sequence number: the master gives it
         # No foreign key: retention deletes events and jobs in two cheap set-based statements.
         job_id = peewee.BigIntegerField(index=True)
         at = peewee.DoubleField()

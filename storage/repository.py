@@ -23,7 +23,7 @@ from storage.rows import (
     job_insert_params,
     job_update_groups,
 )
-from storage.writers import ID_MARK_KEY, BulkWriter
+from storage.writers import ID_MARK_KEY, SEQ_MARK_KEY, BulkWriter
 
 # Ids per IN list in reads, well under SQLite's bound-parameter limit.
 _READ_CHUNK = 500
@@ -121,14 +121,16 @@ class Store:
                 cur = self.db.cursor()
                 if inserts:
                     w.insert_jobs(cur, inserts)
-                    w.raise_id_mark(cur, max(r[0] for r in inserts))
+                    w.raise_mark(cur, ID_MARK_KEY, max(r[0] for r in inserts))
                 for cols, rows in groups.items():
                     w.update_jobs(cur, cols, rows)
                 if events:
                     w.insert_events(cur, events)
                 if agents:
                     w.upsert_agents(cur, agents)
-                if deletes:
+                if deletes:  # the newest events may go: keep their seq from being reused
+                    cur.execute("SELECT MAX(id) FROM job_events")
+                    w.raise_mark(cur, SEQ_MARK_KEY, int(cur.fetchone()[0] or 0))
                     w.delete_terminal_jobs(cur, deletes)
                 if forgets:
                     w.forget_agents(cur, forgets)
@@ -156,14 +158,22 @@ class Store:
         return out
 
     def list_jobs(self, states: list[str] | None = None, limit: int = 100,
-                  before_id: int | None = None) -> list[Row]:
-        """Up to limit jobs, newest (highest id) first, optionally in states and below before_id."""
+                  before_id: int | None = None, scenarios: list[str] | None = None,
+                  agent: str | None = None, since: float | None = None) -> list[Row]:
+        """Up to limit jobs, newest (highest id) first, filtered by every filter given: in
+        states, of scenarios (None: any; an empty list matches nothing), last placed on agent,
+        created at or after since (epoch s), below before_id."""
         job = self.models.Job
         query = job.select()
-        if states is not None:
-            if not states:
-                return []
-            query = query.where(job.state.in_(list(states)))
+        for column, values in ((job.state, states), (job.scenario, scenarios)):
+            if values is not None:
+                if not values:
+                    return []
+                query = query.where(column.in_(list(values)))
+        if agent is not None:
+            query = query.where(job.agent == agent)
+        if since is not None:
+            query = query.where(job.created_at >= since)
         if before_id is not None:
             query = query.where(job.id < before_id)
         return self._jobs(query.order_by(job.id.desc()).limit(limit))
@@ -176,8 +186,36 @@ class Store:
 
     def events_for(self, job_id: int) -> list[Row]:
         """The job's events in the order they were written (id ascending)."""
+        return self.events(job_ids=[job_id])
+
+    def events(self, after: int = 0, limit: int | None = None,
+               job_ids: Iterable[int] | None = None) -> list[Row]:
+        """Events with sequence number (id) above `after`, ascending, at most `limit`;
+        only those of `job_ids` if given."""
         ev = self.models.JobEvent
-        return self._rows("read events", ev.select().where(ev.job_id == job_id).order_by(ev.id))
+        query = ev.select().where(ev.id > after)
+        if job_ids is not None:
+            wanted = sorted(set(job_ids))
+            if not wanted:
+                return []
+            if len(wanted) > _READ_CHUNK:  # one IN list per chunk, merged in seq order
+                out = [r for start in range(0, len(wanted), _READ_CHUNK)
+                       for r in self.events(after, limit, wanted[start:start + _READ_CHUNK])]
+                out.sort(key=lambda r: r["id"])
+                return out[:limit] if limit is not None else out
+            query = query.where(ev.job_id.in_(wanted))
+        query = query.order_by(ev.id)
+        if limit is not None:
+            query = query.limit(limit)
+        return self._rows("read events", query)
+
+    def max_event_seq(self) -> int:
+        """Highest event sequence number ever written (even if retention deleted it since)."""
+        ev, meta = self.models.JobEvent, self.models.Meta
+        with self._guard("max event seq"):
+            present = ev.select(peewee.fn.MAX(ev.id)).scalar() or 0
+            mark = meta.get_or_none(meta.key == SEQ_MARK_KEY)
+            return max(int(present), int(mark.value) if mark else 0)
 
     def find_idempotent(self, key: str) -> list[int]:
         """Ids of jobs submitted with this idempotency key, ascending."""

@@ -6,7 +6,6 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from bus.vocab import SUBMITTED
 from storage.batch import WriteBatch
 from storage.errors import StorageError
 from storage.models import (
@@ -85,13 +84,9 @@ def job_update_groups(
 
 
 def event_params(batch: WriteBatch) -> list[Params]:
-    """A creation event per insert ('submitted' unless the row names a reason), then the
-    batch's events, in EVENT_COLUMNS order."""
-    out: list[Params] = [
-        (r["id"], r["created_at"], None, r["state"], r.get("reason") or SUBMITTED, None,
-         r.get("attempt", 0))
-        for r in batch.inserts
-    ]
+    """The batch's events in EVENT_COLUMNS order (each names its sequence number `id`; a new
+    job's creation event is one of them, written by whoever inserts the job)."""
+    out: list[Params] = []
     for ev in batch.events:
         _check_keys("job event", ev, _EVENT_SET, EVENT_REQUIRED)
         out.append(tuple(ev.get(c, EVENT_DEFAULTS.get(c)) for c in EVENT_COLUMNS))

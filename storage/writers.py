@@ -25,6 +25,8 @@ _AGENT_UPSERT = (
 )  # first_seen keeps the first sighting
 # Retention may delete the newest jobs; the mark keeps the master from reusing their ids.
 ID_MARK_KEY = "job_id_mark"
+# Likewise for event sequence numbers: clients resume the event stream after a seq they saw.
+SEQ_MARK_KEY = "event_seq_mark"
 _ID_MARK = (
     "INSERT INTO meta (key, value) VALUES ({p}, {p}) ON CONFLICT (key) DO UPDATE "
     "SET value = excluded.value WHERE CAST(meta.value AS BIGINT) < CAST(excluded.value AS BIGINT)"
@@ -55,8 +57,8 @@ class BulkWriter(Protocol):
     def forget_agents(self, cur: Any, names: Sequence[str]) -> None:
         """Delete the records of those of names that are lost or left; the others stay."""
 
-    def raise_id_mark(self, cur: Any, job_id: int) -> None:
-        """Raise meta's job id high-water mark to job_id (never lower it)."""
+    def raise_mark(self, cur: Any, key: str, value: int) -> None:
+        """Raise meta's high-water mark `key` to value (never lower it)."""
 
 
 class SqliteWriter:
@@ -101,9 +103,9 @@ class SqliteWriter:
             cur.execute(f"DELETE FROM agents WHERE name IN ({marks}) AND state IN ({_GONE})",
                         chunk)
 
-    def raise_id_mark(self, cur: Any, job_id: int) -> None:
-        """Raise meta's job id high-water mark to job_id (never lower it)."""
-        cur.execute(_ID_MARK.format(p="?"), (ID_MARK_KEY, str(job_id)))
+    def raise_mark(self, cur: Any, key: str, value: int) -> None:
+        """Raise meta's high-water mark `key` to value (never lower it)."""
+        cur.execute(_ID_MARK.format(p="?"), (key, str(value)))
 
 
 class PostgresWriter:
@@ -149,6 +151,6 @@ class PostgresWriter:
         cur.execute(f"DELETE FROM agents WHERE name = ANY(%s) AND state IN ({_GONE})",
                     (list(names),))
 
-    def raise_id_mark(self, cur: Any, job_id: int) -> None:
-        """Raise meta's job id high-water mark to job_id (never lower it)."""
-        cur.execute(_ID_MARK.format(p="%s"), (ID_MARK_KEY, str(job_id)))
+    def raise_mark(self, cur: Any, key: str, value: int) -> None:
+        """Raise meta's high-water mark `key` to value (never lower it)."""
+        cur.execute(_ID_MARK.format(p="%s"), (key, str(value)))

@@ -68,11 +68,12 @@ def test_expired_agents_bounded_by_limit(store: Store) -> None:
 
 def test_forget_agent_goes_in_one_transaction_with_other_writes(store: Store) -> None:
     seed(store)
-    store.apply(WriteBatch(inserts=[job(1), job(2, COMPLETED, finished_at=T0 - HOUR)]))
+    store.apply(WriteBatch(inserts=[job(1), job(2, COMPLETED, finished_at=T0 - HOUR)],
+                           events=[{"id": 1, "job_id": 1, "at": T0, "to_state": QUEUED}]))
     batch = WriteBatch()
     batch.insert(**job(3))
     batch.update(1, state="assigned", agent="fresh")
-    batch.event(job_id=1, at=T0, from_state=QUEUED, to_state="assigned", agent="fresh")
+    batch.event(id=2, job_id=1, at=T0, from_state=QUEUED, to_state="assigned", agent="fresh")
     batch.agent("fresh", **agent(NODE_ALIVE, T0))
     batch.delete(2)
     for name in ("lost-old", "left-old", "alive-old", "draining-old", "nobody"):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.timeout(90)
 JOB_KEYS = {"id", "scenario", "state", "priority", "attempt", "max_attempts", "agent", "progress",
             "bytes_in", "bytes_out", "exit_code", "reason", "created_at", "started_at",
             "finished_at", "resource_limits", "timeout_s", "output"}
-EVENT_KEYS = {"at", "from_state", "to_state", "reason", "agent", "attempt"}
+EVENT_KEYS = {"seq", "id", "at", "from_state", "state", "reason", "agent", "attempt"}
 NODE_KEYS = {"name", "state", "slots", "busy", "credit", "resources", "workloads", "encoders",
              "cgroup", "limits", "last_seen_s"}
 
@@ -59,14 +58,13 @@ def one_line_error(proc: subprocess.CompletedProcess[str], *needles: str,
     return lines[0]
 
 
-def assert_iso_utc(value: str | None, nullable: bool = True) -> None:
+def assert_epoch(value: float | None, nullable: bool = True) -> None:
+    """A wire time (protocol 1.1): float UNIX epoch seconds, here within 10 minutes of now."""
     if value is None:
         assert nullable
         return
-    parsed = datetime.fromisoformat(value)
-    offset = parsed.utcoffset()
-    assert offset is not None and offset.total_seconds() == 0, value
-    assert abs(parsed.timestamp() - time.time()) < 600, value
+    assert isinstance(value, float), value
+    assert abs(value - time.time()) < 600, value
 
 
 def assert_job_shape(job: dict[str, Any]) -> None:
@@ -75,9 +73,9 @@ def assert_job_shape(job: dict[str, Any]) -> None:
     assert job["priority"] in ("high", "normal", "low")
     assert 0.0 <= job["progress"] <= 1.0
     assert isinstance(job["resource_limits"], dict)
-    assert_iso_utc(job["created_at"], nullable=False)
-    assert_iso_utc(job["started_at"])
-    assert_iso_utc(job["finished_at"])
+    assert_epoch(job["created_at"], nullable=False)
+    assert_epoch(job["started_at"])
+    assert_epoch(job["finished_at"])
 
 
 def test_submit_json_prints_ids_and_jobs_list_has_stable_fields(cluster: Cluster) -> None:
@@ -164,11 +162,13 @@ def test_jobs_show_cancel_retry(cluster: Cluster) -> None:
     shown = ok_json(cluster.cli("jobs", "show", str(job_id), "--json"))
     assert_job_shape(shown)
     assert shown["id"] == job_id and shown["state"] == "completed"
-    assert [e["to_state"] for e in shown["events"]] == ["queued", "assigned", "running",
-                                                        "completed"]
+    assert [e["state"] for e in shown["events"]] == ["queued", "assigned", "running",
+                                                     "completed"]
+    seqs = [e["seq"] for e in shown["events"]]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     for ev in shown["events"]:
-        assert set(ev) >= EVENT_KEYS
-        assert_iso_utc(ev["at"], nullable=False)
+        assert set(ev) >= EVENT_KEYS and ev["id"] == job_id
+        assert_epoch(ev["at"], nullable=False)
     assert shown["events"][1]["agent"] == "cli-a" and shown["events"][1]["attempt"] == 1
     text = ok(cluster.cli("jobs", "show", str(job_id))).stdout
     assert "events:" in text and "completed" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgpack
@@ -15,9 +16,15 @@ from bus.codec import (
     MAX_COMMAND_LEN,
     MAX_DEPTH,
     PROTOCOL_VERSION,
+    RID_PEEK,
     Message,
     decode,
+    echo_rid,
     encode,
+    peek,
+    peek_rid,
+    readable_command,
+    rid_problem,
     validate,
 )
 from bus.errors import ProtocolError
@@ -41,7 +48,7 @@ SCHEMAS: dict[str, dict[str, Schema]] = {
 COMMANDS = [(name, cmd) for name, table in SCHEMAS.items() for cmd in table]
 COMMAND_IDS = [f"{name}-{cmd}" for name, cmd in COMMANDS]
 ALL_COMMAND_NAMES = sorted({cmd for _, cmd in COMMANDS})
-KINDS = {"int", "num", "str", "bool", "list", "map", "any"}
+KINDS = {"int", "num", "str", "bool", "list", "map", "any", "rid"}
 CODES = {"bad_frame", "bad_version", "bad_command", "bad_body", "too_large"}
 
 # One valid value per kind, chosen to differ from every default in the schemas.
@@ -52,6 +59,7 @@ SAMPLE: dict[str, Any] = {
     "list": [1, "a", None],
     "map": {"k": 1, "nested": {"z": [1.5]}},
     "any": "rid-1",
+    "rid": 7,
 }
 # Values of the wrong type for each kind (bool is an int in Python but not on our wire).
 WRONG: dict[str, list[Any]] = {
@@ -61,6 +69,7 @@ WRONG: dict[str, list[Any]] = {
     "bool": [1, 0, "true", None, [], 1.0],
     "list": [{}, "x", 1, True],
     "map": [[], "x", 1, True],
+    "rid": [-1, 1.5, True, [], {}, "r" * 129, b"r"],
 }
 
 
@@ -105,8 +114,8 @@ def code_of(frames: list[bytes], schemas: dict[str, Schema], **kw: Any) -> str:
 
 
 def test_header_and_constants() -> None:
-    assert HEADER == b"FFR\x01\x00"
-    assert PROTOCOL_VERSION == (1, 0)
+    assert HEADER == b"FFR\x01\x01"
+    assert PROTOCOL_VERSION == (1, 1)
     assert MAX_COMMAND_LEN == 16
     assert MAX_DEPTH == 32
     assert DEFAULT_MAX_BODY == 8 * 1024 * 1024
@@ -184,7 +193,8 @@ def test_documented_defaults() -> None:
     welcome = decode(encode("WELCOME"), MASTER_TO_AGENT)
     assert welcome.body == {"heartbeat_s": 1.0, "liveness": 3, "master": ""}
     listing = decode(encode("LIST", {"rid": 1}), CLIENT_TO_MASTER)
-    assert listing.body == {"rid": 1, "states": None, "limit": 100, "before_id": None}
+    assert listing.body == {"rid": 1, "states": None, "scenarios": None, "agent": None,
+                            "since": None, "limit": 100, "before_id": None}
     cancel = decode(encode("CANCEL", {"id": 1, "attempt": 2}), MASTER_TO_AGENT)
     assert cancel["grace_s"] == 30.0 and cancel["reason"] == "cancelled"
     done = decode(encode("DONE", {"id": 1, "attempt": 1, "status": "completed"}), AGENT_TO_MASTER)
@@ -437,7 +447,7 @@ def test_commands_are_per_direction() -> None:
     assert code_of(encode("JOB", body), CLIENT_TO_MASTER) == "bad_command"
     # CANCEL exists in both directions with different schemas.
     assert code_of(encode("CANCEL", {"id": 1, "attempt": 1}), CLIENT_TO_MASTER) == "bad_body"
-    assert decode(encode("CANCEL", {"ids": [1]}), CLIENT_TO_MASTER)["ids"] == [1]
+    assert decode(encode("CANCEL", {"rid": 1, "ids": [1]}), CLIENT_TO_MASTER)["ids"] == [1]
 
 
 # --------------------------------------------------------------------------- encode
@@ -488,6 +498,7 @@ KIND_VALUES: dict[str, st.SearchStrategy[Any]] = {
     "list": st.lists(values, max_size=3),
     "map": st.dictionaries(st.text(max_size=8), values, max_size=3),
     "any": values,
+    "rid": st.integers(0, 2**64 - 1) | st.text(max_size=32),
 }
 
 
@@ -588,3 +599,169 @@ def test_decode_returns_a_message_or_raises_protocol_error(
     assert all(isinstance(k, str) for k in msg.body)
     assert set(schemas[msg.command]) <= set(msg.body)
     assert len(frames) == 3 and frames[0][:4] == b"FFR\x01" and len(frames[0]) == 5
+
+
+# --------------------------------------------------------------------------- the client contract
+# docs/protocol.md "Frames", "ERROR" and "Client ↔ master": rid, command, key faults, coercion.
+
+
+def fault(frames: list[bytes], schemas: dict[str, Schema] = CLIENT_TO_MASTER,
+          **kw: Any) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        decode(frames, schemas, **kw)
+    return info.value
+
+
+@pytest.mark.parametrize("rid", [0, 1, 2**64 - 1, "", "r-1", "é" * 64, "x" * 128])
+def test_valid_rids(rid: Any) -> None:
+    assert rid_problem(rid) is None
+    assert decode(frames_for("STATS", {"rid": rid}), CLIENT_TO_MASTER)["rid"] == rid
+
+
+@pytest.mark.parametrize(("rid", "echoed"), [
+    (None, None), (True, True), (False, False), (1.5, 1.5), (-1, -1), ([1], None),
+    ({"a": 1}, None), ([], None), ("x" * 129, None), ("é" * 65, None), (b"bin", b"bin"),
+], ids=repr)
+def test_invalid_rids_are_bad_body_and_only_scalars_are_echoed(rid: Any, echoed: Any) -> None:
+    assert rid_problem(rid) is not None
+    e = fault(frames_for("GET", {"rid": rid, "ids": [1]}))
+    assert e.code == "bad_body" and e.text.startswith("rid: GET.rid must be"), e.text
+    assert e.command == "GET"
+    assert e.rid == echoed and type(e.rid) is type(echoed)
+    assert echo_rid(rid) == echoed
+
+
+def test_a_request_without_rid_is_bad_body() -> None:
+    for command in CLIENT_TO_MASTER:
+        e = fault(frames_for(command, {}))
+        assert e.code == "bad_body" and e.text.startswith(f"rid: {command}.rid is required")
+        assert e.command == command and e.rid is None
+    # The rid is checked first: a request missing everything is told about its rid.
+    assert "rid" in fault(frames_for("SUBMIT", {"specs": "x"})).text
+
+
+@pytest.mark.parametrize(("frames", "code"), [
+    ([b"XYZ\x01\x00", b"GET", msgpack.packb({"rid": "r", "ids": []})], "bad_frame"),
+    ([b"FFR", b"GET", msgpack.packb({"rid": "r"})], "bad_frame"),
+    ([b"FFR\x02\x00", b"GET", msgpack.packb({"rid": "r", "ids": []})], "bad_version"),
+    ([HEADER, b"NOPE", msgpack.packb({"rid": "r"})], "bad_command"),
+    ([HEADER, b"GET", msgpack.packb({"rid": "r", "ids": "x"})], "bad_body"),
+    ([HEADER, b"GET", msgpack.packb({"rid": "r", "ids": [], "x": {1: 1}})], "bad_body"),
+    ([HEADER, b"GET", msgpack.packb({"rid": "r", "x": nested_body(40)})], "bad_body"),
+    ([HEADER, b"GET", msgpack.packb({"rid": "r", "ids": []}), b"extra"], "too_large"),
+], ids=["header", "short-header", "major", "command", "type", "int-key", "depth", "frames"])
+def test_rid_and_command_are_echoed_whatever_the_fault(frames: list[bytes], code: str) -> None:
+    e = fault(frames)
+    assert (e.code, e.rid) == (code, "r"), e
+    assert e.command == frames[1].decode()
+
+
+def test_command_is_echoed_only_when_it_reads_as_one() -> None:
+    assert readable_command(b"STATS") == "STATS"
+    assert readable_command(b"NO_SUCH_9") == "NO_SUCH_9"
+    for raw in (b"", b"A" * 17, b"stats", b"ST\x00TS", b"\xff", "HÉLLO".encode()):
+        assert readable_command(raw) is None
+        assert fault([HEADER, raw, msgpack.packb({"rid": 1})]).command is None
+
+
+def test_a_body_over_the_cap_echoes_a_rid_found_in_its_first_bytes() -> None:
+    early = msgpack.packb({"rid": "big", "ids": [], "pad": b"x" * (2 * RID_PEEK)})
+    e = fault([HEADER, b"GET", early], max_body=1000)
+    assert (e.code, e.rid, e.command) == ("too_large", "big", "GET")
+    late = msgpack.packb({"pad": b"x" * (2 * RID_PEEK), "rid": "late"})
+    e = fault([HEADER, b"GET", late], max_body=1000)
+    assert (e.code, e.rid) == ("too_large", None)
+    assert peek_rid(late) is None and peek_rid(early) == "big"
+    assert peek_rid(b"\xc1garbage") is None and peek_rid(msgpack.packb([1])) is None
+    assert peek_rid(msgpack.packb({"rid": [1, 2]})) is None  # never a non-scalar
+    assert peek(encode("STATS", {"rid": 5})) == ("STATS", 5)
+
+
+@pytest.mark.parametrize(("body", "text"), [
+    ({"rid": 1, "specs": [{"scenario": "noop", "params": {1: "x"}}]},
+     "map keys must be strings: int key 1 in specs[0].params"),
+    ({"rid": 1, "specs": [{}, {"params": {"a": [0, {None: 2}]}}]},
+     "map keys must be strings: nil key None in specs[1].params.a[1]"),
+    ({"rid": 1, "x": {1.5: 0}}, "map keys must be strings: float key 1.5 in x"),
+    ({"rid": 1, "x": {True: 0}}, "map keys must be strings: bool key True in x"),
+    ({"rid": 1, "x": {b"k": 0}}, "map keys must be strings: bin key b'k' in x"),
+    ({"rid": 1, 7: 0}, "map keys must be strings: int key 7 in the body"),
+], ids=["int", "nil-deep", "float", "bool", "bin", "top"])
+def test_a_non_string_key_is_named_with_its_path(body: dict[Any, Any], text: str) -> None:
+    e = fault([HEADER, b"SUBMIT", msgpack.packb(body, use_bin_type=True)])
+    assert (e.code, e.text) == ("bad_body", text)
+    assert e.rid == (None if 7 in body else 1)  # the rid of a body whose own keys are strings
+
+
+def test_array_and_map_keys_are_bad_body_without_a_path() -> None:
+    for raw in (b"\x82\xa3rid\x01\x91\x01\x02", b"\x82\xa3rid\x01\xa1x\x81\x81\x01\x02\x03"):
+        e = fault([HEADER, b"STATS", raw])
+        assert e.code == "bad_body" and e.text.startswith("map keys must be strings: ")
+        assert "valid msgpack" not in e.text
+
+
+def colliding_timestamps(n: int) -> list[msgpack.Timestamp]:
+    """n msgpack Timestamps with one hash: Timestamp hashes as the tuple (seconds, nanos),
+    and CPython's tuple hash (xxHash-like, not keyed) can be solved for the seconds."""
+    m, p1, p2, p5 = 2**64, 11400714785074694791, 14029467366897019727, 2870177450012600261
+
+    def rotr(x: int, r: int) -> int:
+        return ((x >> r) | (x << (64 - r))) % m
+
+    target = (0x1234567890ABCDEF - (2 ^ (p5 ^ 3527539))) % m
+    before = rotr(target * pow(p1, -1, m) % m, 31)
+    out: list[msgpack.Timestamp] = []
+    nanos = 0
+    while len(out) < n:
+        acc = (before - nanos * p2) % m
+        seconds = ((rotr(acc * pow(p1, -1, m) % m, 31) - p5) * pow(p2, -1, m)) % m
+        if seconds < 2**61 - 1:  # an int that hashes to itself
+            out.append(msgpack.Timestamp(seconds, nanos))
+        nanos += 1
+    return out
+
+
+def test_colliding_key_hashes_cost_no_more_than_a_decode() -> None:
+    """A body refused for a non-string key is unpacked again leniently to say which and where:
+    taking Timestamp keys as Timestamps would build a dict of 20 000 colliding hashes
+    (quadratic: minutes). They are unpacked as floats (and arrays or maps as keys not at
+    all), whose hashes cannot be made to collide in bulk."""
+    keys = colliding_timestamps(20_000)
+    assert len({hash(k) for k in keys[:50]}) == 1
+    pack = msgpack.Packer()  # packed entry by entry: a dict of them would be quadratic here
+    raw = b"".join([pack.pack_map_header(2), pack.pack("rid"), pack.pack(1), pack.pack("x"),
+                    pack.pack_map_header(len(keys)), *(pack.pack(k) + b"\x00" for k in keys)])
+    started = time.perf_counter()
+    e = fault([HEADER, b"STATS", raw])
+    assert e.code == "bad_body" and "float key" in e.text and e.rid == 1, e.text
+    assert time.perf_counter() - started < 1.0
+
+
+@pytest.mark.parametrize(("kind", "value", "ok"), [
+    ("num", 2, True),          # an int is accepted where a float is expected
+    ("num", 2.5, True),
+    ("num", 2**64 - 1, True),
+    ("int", 2.0, False),       # a float is never an int, not even 2.0
+    ("int", True, False),      # nor a bool
+    ("num", False, False),     # a bool is not a number
+    ("bool", 1, False),        # nor is a number a bool
+    ("str", b"x", False),      # bin is not str
+    ("str", 1, False),
+    ("int", "1", False),       # no parsing of strings
+    ("int", None, False),      # nil only for `kind?` and `any`
+    ("int?", None, True),
+    ("num?", None, True),
+    ("str?", None, True),
+    ("list?", None, True),
+    ("any", None, True),
+    ("list", {}, False),
+    ("map", [], False),
+], ids=repr)
+def test_type_coercion_is_exactly_as_documented(kind: str, value: Any, ok: bool) -> None:
+    schema: Schema = {"v": (kind, REQUIRED)}
+    if ok:
+        assert validate({"v": value}, schema, "X")["v"] == value
+    else:
+        with pytest.raises(ProtocolError) as info:
+            validate({"v": value}, schema, "X")
+        assert info.value.code == "bad_body" and info.value.text.startswith("X.v must be")

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +80,10 @@ def fits(value: Any, kind: str) -> bool:
         return value is None or fits(value, kind[:-1])
     if kind == "any":
         return True
+    if kind == "rid":  # docs/protocol.md: an int 0..2^64-1 or a str of at most 128 bytes
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and 0 <= value < 2**64) or (isinstance(value, str) and len(
+                    value.encode("utf-8", "surrogatepass")) <= 128)
     if isinstance(value, bool):
         return kind == "bool"
     types = {"int": int, "num": (int, float), "str": str, "bool": bool, "list": list,
@@ -97,6 +102,7 @@ def of_kind(kind: str) -> st.SearchStrategy[Any]:
         "list": st.lists(values, max_size=5),
         "map": st.dictionaries(st.text(max_size=6), values, max_size=5),
         "any": values,
+        "rid": st.integers(0, 2**64 - 1) | st.text(max_size=40) | values,
     }[base]
     return st.none() | strat if kind.endswith("?") else strat
 
@@ -185,17 +191,31 @@ def verdict(frames: list[bytes], schemas: dict[str, Schema]) -> tuple[str | None
 
 
 def readable_rid(frames: list[bytes]) -> Any:
-    """The rid of a request whose body is a valid 1.x body (whatever its command), else NO_RID."""
-    if len(frames) != 3 or len(frames[0]) != 5 or frames[0][:4] != HEADER[:4]:
+    """The rid an ERROR must echo (docs/protocol.md "ERROR"): that of a body that is a msgpack
+    map with string keys of its own, whatever else is wrong (header, version, command, frame
+    count, nesting, keys deeper down), if it is a scalar: nil, bool, int, float, or a str or
+    bin of at most 128 bytes. Else NO_RID (an array or map is never echoed)."""
+    if len(frames) < 3:
         return NO_RID
     try:
-        body = msgpack.unpackb(frames[2], raw=False, strict_map_key=True)
+        body = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
     except Exception:  # not msgpack at all
         return NO_RID
-    if not isinstance(body, dict) or not all(isinstance(k, str) for k in body) \
-            or depth(body) > 32:
+    if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
         return NO_RID
-    return body.get("rid")  # nil when absent
+    rid = body.get("rid")  # nil when absent
+    if rid is None or isinstance(rid, int | float):
+        return rid
+    size = len(rid.encode("utf-8", "surrogatepass")) if isinstance(rid, str) else \
+        len(rid) if isinstance(rid, bytes) else None
+    return rid if size is not None and size <= 128 else NO_RID
+
+
+def readable_command(frames: list[bytes]) -> str | None:
+    """The command an ERROR must name: the command frame if it has the form of one."""
+    if len(frames) < 2 or not re.fullmatch(rb"[A-Z0-9_]{1,16}", frames[1]):
+        return None
+    return frames[1].decode()
 
 
 def depth(value: Any) -> int:
@@ -325,6 +345,8 @@ def test_client_endpoint_answers_every_garbage_message(
             assert body.get("rid") is None, (frames, body)
         else:
             assert same(body.get("rid"), rid), (frames, body)
+        if command == "ERROR":  # every ERROR names the command it answers, where readable
+            assert body.get("command") == readable_command(frames), (frames, body)
     assert_master_healthy(cluster)
 
 
@@ -365,8 +387,32 @@ def test_agent_endpoint_answers_every_garbage_message(
     assert_master_healthy(cluster)
 
 
-@pytest.mark.parametrize(("endpoint", "limit"),
-                         [("clients_ep", 8 * 2**20), ("agents_ep", 2**20)])
+def test_client_message_over_the_cap_is_answered_too_large(
+        cluster: Cluster, ctx: zmq.Context) -> None:
+    """Over the clients' 8 MiB whole-message cap (and under the 64 MiB hard cap of libzmq):
+    ERROR too_large with the rid and command it answers, never a silent disconnect."""
+    revive(cluster)
+    sock = dealer(ctx, cluster.clients_ep)
+    try:
+        for size in (8 * 2**20, 40 * 2**20):
+            body = msgpack.packb({"rid": f"big-{size}", "ids": [], "pad": b"x" * size})
+            sock.send_multipart([HEADER, b"GET", body])
+            ((cmd, reply),) = collect_until(sock, lambda c, b: True, timeout=30)
+            assert (cmd, reply["code"], reply.get("rid"), reply.get("command")) == (
+                "ERROR", "too_large", f"big-{size}", "GET"), reply
+            assert "8388608 bytes" in reply["text"], reply
+        sock.send_multipart([HEADER, b"STATS", msgpack.packb({"rid": "after"})])
+        ((cmd, reply),) = collect_until(sock, lambda c, b: True)
+        assert (cmd, reply["rid"]) == ("REPLY", "after"), "the connection must still work"
+    finally:
+        sock.close(linger=0)
+    assert_master_healthy(cluster)
+
+
+@pytest.mark.parametrize(("endpoint", "limit"), [
+    ("clients_ep", 64 * 2**20),  # the clients' hard cap (libzmq MAXMSGSIZE): over it, dropped
+    ("agents_ep", 2**20),  # agents: libzmq's cap is the master's own
+])
 def test_message_over_maxmsgsize_drops_only_that_peer(
         cluster: Cluster, ctx: zmq.Context, endpoint: str, limit: int) -> None:
     ep = getattr(cluster, endpoint)

@@ -326,7 +326,7 @@ def test_curve_agent_key_cannot_claim_another_agents_name_or_forge_its_results(
     assert final["state"] == "completed" and final["agent"] == "a1", final
     assert final["bytes_out"] != 999_999, final
     events = secure.job(job_id, events=True)["events"]
-    completed = [e for e in events if e["to_state"] == "completed"]
+    completed = [e for e in events if e["state"] == "completed"]
     assert len(completed) == 1 and completed[0]["agent"] == "a1", events
     assert secure.metric("ffrtmp_agent_hellos_total") == 1, "a1 had to say HELLO again"
 

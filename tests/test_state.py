@@ -35,7 +35,6 @@ from master.state import (
     TERMINAL,
     TIME_OUT,
     TIMED_OUT,
-    UNPLACEABLE,
     Core,
     IllegalTransition,
     Outcome,
@@ -44,28 +43,26 @@ from master.state import (
     transition,
 )
 
-EVENTS = (ASSIGN, ACCEPT, COMPLETE, FAIL, TIME_OUT, CANCEL_DONE, CANCEL, LOST, REJECT, HAND_BACK,
-          UNPLACEABLE)
+EVENTS = (ASSIGN, ACCEPT, COMPLETE, FAIL, TIME_OUT, CANCEL_DONE, CANCEL, LOST, REJECT, HAND_BACK)
 RETRY = "retry"  # in EXPECTED: back to queued when attempts are left, else the named final state
 
 # The table as docs/protocol.md describes it, written out independently of master/state.py.
 EXPECTED: dict[tuple[str, str], str | tuple[str, str]] = {
     (QUEUED, ASSIGN): ASSIGNED,
     (QUEUED, CANCEL): CANCELLED,
-    (QUEUED, UNPLACEABLE): FAILED,
     (ASSIGNED, ACCEPT): RUNNING,
     (ASSIGNED, REJECT): QUEUED,
     (ASSIGNED, COMPLETE): COMPLETED,
     (ASSIGNED, FAIL): (RETRY, FAILED),
     (ASSIGNED, LOST): (RETRY, FAILED),
-    (ASSIGNED, TIME_OUT): TIMED_OUT,
+    (ASSIGNED, TIME_OUT): (RETRY, TIMED_OUT),  # retried only with the spec's retry_timeouts
     (ASSIGNED, CANCEL_DONE): CANCELLED,
     (ASSIGNED, CANCEL): CANCELLING,
     (RUNNING, ACCEPT): RUNNING,
     (RUNNING, COMPLETE): COMPLETED,
     (RUNNING, FAIL): (RETRY, FAILED),
     (RUNNING, LOST): (RETRY, FAILED),
-    (RUNNING, TIME_OUT): TIMED_OUT,
+    (RUNNING, TIME_OUT): (RETRY, TIMED_OUT),
     (RUNNING, CANCEL_DONE): CANCELLED,
     (RUNNING, CANCEL): CANCELLING,
     (CANCELLING, ACCEPT): CANCELLING,
@@ -112,7 +109,7 @@ def test_constants() -> None:
     assert {COMPLETED, FAILED, TIMED_OUT, CANCELLED} == TERMINAL
     assert {ASSIGNED, RUNNING, CANCELLING} == LIVE
     assert not TERMINAL & LIVE
-    assert {"invalid_input", "no_capable_agent", "oom_killed", "disk_limit"} == NOT_RETRIED
+    assert {"invalid_input", "oom_killed", "disk_limit", "output_exists"} == NOT_RETRIED
 
 
 def test_table_matches_the_documented_table() -> None:
@@ -144,26 +141,40 @@ def test_plain_row(key: tuple[str, str], target: str) -> None:
     assert core.state == state  # the input core is not mutated (frozen)
 
 
+def _final(key: tuple[str, str]) -> str:
+    target = EXPECTED[key]
+    assert isinstance(target, tuple)
+    return target[1]
+
+
 @pytest.mark.parametrize("key", RETRY_ROWS, ids=[f"{s}-{e}" for s, e in RETRY_ROWS])
 def test_retry_row_with_attempts_left(key: tuple[str, str]) -> None:
     state, event = key
-    out = transition(Core(state, attempt=1, max_attempts=3), event, "exit_code")
-    assert out == Outcome(Core(QUEUED, 1, 3, 0), retry=True)
+    out = transition(Core(state, 1, 3, retry_timeouts=True), event, "exit_code")
+    assert out == Outcome(Core(QUEUED, 1, 3, 0, True), retry=True)
 
 
 @pytest.mark.parametrize("key", RETRY_ROWS, ids=[f"{s}-{e}" for s, e in RETRY_ROWS])
 def test_retry_row_without_attempts_left(key: tuple[str, str]) -> None:
     state, event = key
-    out = transition(Core(state, attempt=3, max_attempts=3), event, "exit_code")
-    assert out == Outcome(Core(FAILED, 3, 3, 0), retry=False)
+    out = transition(Core(state, 3, 3, retry_timeouts=True), event, "exit_code")
+    assert out == Outcome(Core(_final(key), 3, 3, 0, True), retry=False)
 
 
 @pytest.mark.parametrize("reason", sorted(NOT_RETRIED))
 @pytest.mark.parametrize("key", RETRY_ROWS, ids=[f"{s}-{e}" for s, e in RETRY_ROWS])
 def test_retry_row_with_a_reason_that_is_not_retried(key: tuple[str, str], reason: str) -> None:
     state, event = key
-    out = transition(Core(state, attempt=1, max_attempts=100), event, reason)
-    assert out == Outcome(Core(FAILED, 1, 100, 0), retry=False)
+    out = transition(Core(state, 1, 100, retry_timeouts=True), event, reason)
+    assert out == Outcome(Core(_final(key), 1, 100, 0, True), retry=False)
+
+
+@pytest.mark.parametrize("state", [ASSIGNED, RUNNING])
+def test_a_timeout_is_retried_only_when_the_spec_asks(state: str) -> None:
+    assert transition(Core(state, 1, 3), TIME_OUT, "timeout") == Outcome(
+        Core(TIMED_OUT, 1, 3, 0), retry=False)
+    assert transition(Core(state, 1, 3, retry_timeouts=True), TIME_OUT, "timeout") == Outcome(
+        Core(QUEUED, 1, 3, 0, True), retry=True)
 
 
 def test_retry_without_a_reason_is_retried() -> None:
@@ -302,9 +313,10 @@ class JobMachine(RuleBasedStateMachine):
         self.jobs: list[ModelJob] = []
         self.last_attempt: list[int] = []
 
-    @initialize(maxima=st.lists(st.integers(1, 4), min_size=1, max_size=3))
-    def create(self, maxima: list[int]) -> None:
-        self.jobs = [ModelJob(Core(QUEUED, 0, m)) for m in maxima]
+    @initialize(maxima=st.lists(st.tuples(st.integers(1, 4), st.booleans()), min_size=1,
+                                max_size=3))
+    def create(self, maxima: list[tuple[int, bool]]) -> None:
+        self.jobs = [ModelJob(Core(QUEUED, 0, m, retry_timeouts=r)) for m, r in maxima]
         self.last_attempt = [0 for _ in maxima]
 
     def _pick(self, data: st.DataObject) -> int:
@@ -327,7 +339,7 @@ class JobMachine(RuleBasedStateMachine):
         # Retries: only for a retryable failure with attempts left, and then always.
         retryable = (
             before.state in (ASSIGNED, RUNNING)
-            and event in (FAIL, LOST)
+            and (event in (FAIL, LOST) or (event == TIME_OUT and before.retry_timeouts))
             and reason not in NOT_RETRIED
             and attempts_left(before) > 0
         )
@@ -369,10 +381,6 @@ class JobMachine(RuleBasedStateMachine):
     @rule(data=st.data(), reason=st.sampled_from(REASONS))
     def lost(self, data: st.DataObject, reason: str | None) -> None:
         self._apply(self._pick(data), LOST, reason)
-
-    @rule(data=st.data())
-    def unplaceable(self, data: st.DataObject) -> None:
-        self._apply(self._pick(data), UNPLACEABLE, "no_capable_agent")
 
     # ---- any raw input, as the table sees it ----------------------------------------------
 
@@ -468,3 +476,12 @@ def test_module_exports_used_by_the_master() -> None:
         "IllegalTransition",
     ):
         assert hasattr(sm, name)
+
+
+def test_the_protocol_page_shows_this_table() -> None:
+    # docs/protocol.md "States and reasons" is generated: `python -m master.state --write ...`
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    start, end = page.index(sm.BEGIN), page.index(sm.END) + len(sm.END)
+    assert page[start:end] == sm.markdown(), "run: python -m master.state --write docs/protocol.md"

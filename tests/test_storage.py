@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import sqlite3
 from collections.abc import Iterator
 from typing import Any
@@ -32,8 +33,17 @@ def full(row: dict[str, Any]) -> dict[str, Any]:
     return {c: row.get(c, JOB_DEFAULTS.get(c)) for c in JOB_COLUMNS}
 
 
+SEQ = itertools.count(1)  # event sequence numbers: the master gives them, so the tests do too
+
+
+def created(row: dict[str, Any]) -> dict[str, Any]:
+    """The creation event the master writes with an insert."""
+    return {"id": next(SEQ), "job_id": row["id"], "at": row["created_at"], "from_state": None,
+            "to_state": row["state"], "reason": "submitted", "agent": None, "attempt": 0}
+
+
 def insert(store: Store, *rows: dict[str, Any]) -> None:
-    store.apply(WriteBatch(inserts=list(rows)))
+    store.apply(WriteBatch(inserts=list(rows), events=[created(r) for r in rows]))
 
 
 @pytest.fixture
@@ -119,17 +129,19 @@ def test_writebatch_update_merges_later_value_wins() -> None:
     assert len(b) == 3 and b and not b.is_empty()
 
 
-def test_events_auto_for_inserts_then_explicit_in_order(store: Store) -> None:
-    b = WriteBatch(inserts=[job(1, attempt=0), job(2)])
+def test_events_keep_their_sequence_numbers_and_read_in_order(store: Store) -> None:
+    one, two = job(1, attempt=0), job(2)
+    b = WriteBatch(inserts=[one, two], events=[created(one), created(two)])
     b.update(1, state="assigned", agent="a1", attempt=1)
-    b.event(job_id=1, at=T0 + 2, from_state="queued", to_state="assigned", agent="a1", attempt=1)
+    b.event(id=next(SEQ), job_id=1, at=T0 + 2, from_state="queued", to_state="assigned",
+            agent="a1", attempt=1)
     store.apply(b)
     b = WriteBatch()
-    b.event(job_id=1, at=T0 + 3, from_state="assigned", to_state="running", agent="a1",
-            attempt=1, reason=None)
+    b.event(id=next(SEQ), job_id=1, at=T0 + 3, from_state="assigned", to_state="running",
+            agent="a1", attempt=1, reason=None)
     store.apply(b)
     evs = store.events_for(1)
-    assert [{c: e[c] for c in EVENT_COLUMNS} for e in evs] == [
+    assert [{c: e[c] for c in EVENT_COLUMNS if c != "id"} for e in evs] == [
         {"job_id": 1, "at": T0 + 1, "from_state": None, "to_state": "queued",
          "reason": "submitted", "agent": None, "attempt": 0},
         {"job_id": 1, "at": T0 + 2, "from_state": "queued", "to_state": "assigned",
@@ -137,9 +149,21 @@ def test_events_auto_for_inserts_then_explicit_in_order(store: Store) -> None:
         {"job_id": 1, "at": T0 + 3, "from_state": "assigned", "to_state": "running",
          "reason": None, "agent": "a1", "attempt": 1},
     ]
-    assert [e["id"] for e in evs] == sorted(e["id"] for e in evs)
+    seqs = [e["id"] for e in store.events()]
+    assert seqs == sorted(seqs) and len(seqs) == 4
+    assert [e["id"] for e in store.events(after=seqs[1])] == seqs[2:]
+    assert [e["id"] for e in store.events(after=seqs[0], limit=2)] == seqs[1:3]
+    assert [e["job_id"] for e in store.events(job_ids=[2])] == [2]
     assert [e["to_state"] for e in store.events_for(2)] == ["queued"]
-    assert store.events_for(3) == []
+    assert store.events_for(3) == [] and store.events(job_ids=[]) == []
+    assert store.max_event_seq() == seqs[-1]
+
+
+def test_the_event_seq_mark_survives_retention(store: Store) -> None:
+    insert(store, job(1, state="completed", finished_at=T0))
+    top = store.max_event_seq()
+    store.apply(WriteBatch(deletes=[1]))
+    assert store.events() == [] and store.max_event_seq() == top  # never reused
 
 
 def test_agents_upsert_twice_keeps_first_seen(store: Store) -> None:
@@ -194,7 +218,7 @@ def test_failing_batch_rolls_back_everything_and_stays_retryable(store: Store) -
     insert(store, job(1))
     bad = WriteBatch(inserts=[job(2), job(1)])  # job 1 exists: the whole batch must fail
     bad.update(1, state="assigned")
-    bad.event(job_id=1, at=T0, to_state="assigned")
+    bad.event(id=next(SEQ), job_id=1, at=T0, to_state="assigned")
     bad.agent("a", state="ready", slots=1, last_seen=T0)
     before = copy.deepcopy(bad)
     with pytest.raises(StorageError) as err:
@@ -213,12 +237,14 @@ def test_failing_batch_rolls_back_everything_and_stays_retryable(store: Store) -
     WriteBatch(inserts=[{"id": 1, "state": "queued"}]),
     WriteBatch(updates={1: {"nope": 1}}),
     WriteBatch(updates={1: {"id": 2}}),
-    WriteBatch(events=[{"job_id": 1, "at": T0}]),
+    WriteBatch(events=[{"id": 1, "job_id": 1, "at": T0}]),
+    WriteBatch(events=[{"job_id": 1, "at": T0, "to_state": "queued"}]),
     WriteBatch(agents={"a": {"state": "ready"}}),
     WriteBatch(inserts=[job(1, spec={"x": object()})]),
     pytest.param(WriteBatch(inserts=[job(1, priority="normal")]), marks=pytest.mark.skipif(
         sqlite3.sqlite_version_info < (3, 37), reason="SQLite without STRICT tables")),
-], ids=["unknown-col", "missing-col", "bad-update", "update-id", "bad-event", "bad-agent",
+], ids=["unknown-col", "missing-col", "bad-update", "update-id", "bad-event", "event-no-seq",
+        "bad-agent",
         "bad-json", "bad-type"])
 def test_malformed_batch_raises_storage_error(store: Store, batch: WriteBatch) -> None:
     with pytest.raises(StorageError):
@@ -280,8 +306,14 @@ AGENT = st.fixed_dictionaries({"state": st.sampled_from(["ready", "draining", NO
                                "slots": st.integers(0, 8), "last_seen": FLOAT},
                               optional={"info": st.dictionaries(TEXT, st.integers(), max_size=2),
                                         "first_seen": FLOAT})
+
+def _numbered(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**e, "id": next(SEQ)} for e in events]
+
+
 BATCH = st.builds(WriteBatch, st.lists(INSERT, max_size=4),
-                  st.dictionaries(IDS, UPDATE, max_size=4), st.lists(EVENT, max_size=3),
+                  st.dictionaries(IDS, UPDATE, max_size=4),
+                  st.lists(EVENT, max_size=3).map(_numbered),
                   st.dictionaries(st.sampled_from(["a", "b"]), AGENT, max_size=2),
                   st.lists(IDS, max_size=3), st.lists(st.sampled_from(["a", "b", "c"]),
                                                       max_size=2))
@@ -304,9 +336,6 @@ class Model:
         self.max_id = max([self.max_id, *ids])
         for r in b.inserts:
             self.jobs[r["id"]] = full(r)
-            self.events.setdefault(r["id"], []).append(
-                {"job_id": r["id"], "at": r["created_at"], "from_state": None,
-                 "to_state": r["state"], "reason": "submitted", "agent": None, "attempt": 0})
         for job_id, fields in b.updates.items():
             if job_id in self.jobs:
                 self.jobs[job_id].update(fields)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.ffmpeg.netpolicy import DEFAULT_POLICY, Destination, DestinationRefused, NetPolicy
+from agent.ffmpeg.publish import OutputExists, owner_of
 from bus.scenarios import (
     MAX_NAME_BYTES,
     TESTSRC,
@@ -65,6 +66,9 @@ class Plan:
     final_output: Path | None  # where a completed file output is moved (atomically)
     live: bool  # rtmp push
     probe_argv: list[str] | None = None  # run by the hook as a child: the input's duration
+    overwrite: bool = False  # the spec's: may the move replace a file that is not the job's
+    job_id: int | None = None  # recorded on the published file (agent.ffmpeg.publish)
+    local_input: str | None = None  # a local input's path as given to ffmpeg (else None)
 
 
 def parse_duration(stderr: bytes) -> float | None:
@@ -266,7 +270,7 @@ def build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root:
     try:
         return _build_plan(spec, ffmpeg, input_root, output_root, workdir, job_id,
                            allow_url or DEFAULT_POLICY)
-    except InvalidInput:
+    except (InvalidInput, OutputExists):
         raise
     except Exception as e:  # a spec shape nobody foresaw: refused, never an agent crash
         raise InvalidInput(f"bad spec: {type(e).__name__}: {e}") from e
@@ -292,6 +296,9 @@ def _build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root
     params = spec.get("params") or {}
     if not isinstance(params, dict):
         raise InvalidInput("bad spec: params: must be a map")
+    overwrite = spec.get("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise InvalidInput("bad spec: overwrite: must be true or false")
     source: str = spec["input"]
     output: str | None = spec.get("output")
     live = bool(output and output.startswith(("rtmp://", "rtmps://")))
@@ -300,6 +307,7 @@ def _build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root
             "-progress", "pipe:1", "-y"]
     duration: float | None
     probe: list[str] | None = None
+    local: str | None = None
     if source.startswith(TESTSRC):
         src = parse_testsrc(source)
         duration = src["duration"]
@@ -319,9 +327,10 @@ def _build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root
     else:
         path = input_path(input_root, source)
         duration = None
-        local = ["-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST]
-        probe = [ffmpeg, "-hide_banner", "-nostdin", *local, "-i", str(path)]
-        argv += local + (["-re"] if live else []) + ["-i", str(path)]
+        local = str(path)
+        whitelists = ["-protocol_whitelist", "file", "-format_whitelist", FORMAT_WHITELIST]
+        probe = [ffmpeg, "-hide_banner", "-nostdin", *whitelists, "-i", local]
+        argv += whitelists + (["-re"] if live else []) + ["-i", local]
         vmap, amap = "0:v:0?", "0:a:0?"
     if preset.encoder is not None:
         argv += ["-map", vmap]
@@ -339,10 +348,31 @@ def _build_plan(spec: dict[str, Any], ffmpeg: str, input_root: Path, output_root
     argv += _video_args(preset) + _audio_args(preset) + list(preset.extra_args)
     if out_dest is not None:
         return Plan(argv + [*out_dest.args, "-f", "flv", out_dest.url], duration, None, None,
-                    True, probe)
-    final = output_path(output_root, output or f"job-{job_id}.{preset.extension}")
+                    True, probe, overwrite, job_id, local)
+    rel = output or f"job-{job_id}.{preset.extension}"
+    final = output_path(output_root, rel)
+    if not overwrite:
+        refuse_existing(final, rel, job_id)
     tmp = workdir / f"output.{preset.extension}"
-    return Plan(argv + ["-f", preset.container, str(tmp)], duration, tmp, final, False, probe)
+    return Plan(argv + ["-f", preset.container, str(tmp)], duration, tmp, final, False, probe,
+                overwrite, job_id, local)
+
+
+def refuse_existing(final: Path, rel: str, job_id: int) -> None:
+    """OutputExists if a file is at the output path and an earlier attempt of this job did not
+    write it (`overwrite: false`: checked before ffmpeg runs, and again when moving)."""
+    try:
+        exists = os.path.lexists(final)
+    except OSError as e:  # pragma: no cover - lexists does not raise on Linux
+        raise InvalidInput(f"output {_short(rel)}: {_os_reason(e)}") from e
+    if not exists:
+        return
+    owner = owner_of(final)
+    if owner == job_id:
+        return  # an earlier attempt of this job published it: it may be replaced
+    by = f" (written by job {owner})" if owner is not None else ""
+    raise OutputExists(f"output {_short(rel)} exists{by}: not replaced, the spec has "
+                       "overwrite: false (set overwrite: true to replace it)")
 
 
 def _video_args(p: Preset) -> list[str]:

@@ -1,23 +1,24 @@
 """The runner hook for ffmpeg jobs: progress from `-progress pipe:1`, the input's duration from a
-probe run beside the job, byte counters, stall watch, ffmpeg's last error line, and moving a
-completed output into place atomically."""
+probe run beside the job, byte counters, stall watch, ffmpeg's last error line, a corrupt local
+input told from other failures, the argv as run, and publishing a completed output (atomically,
+under the spec's overwrite policy: agent/ffmpeg/publish.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import unicodedata
 from dataclasses import replace
-from pathlib import Path
 from typing import IO, Any
 
 from agent.ffmpeg.argv import Plan, parse_duration
 from agent.ffmpeg.progress import ProgressParser, Snapshot
+from agent.ffmpeg.publish import OutputExists, publish
 from agent.runner import _PRCTL, PR_SET_PDEATHSIG, Hook, ProcessRun, Result
+from bus.vocab import AGENT_ERROR, EXIT_CODE, FAILED, INVALID_INPUT, OUTPUT_EXISTS
 
 IO_EVERY_S = 0.5
 PROBE_TIMEOUT_S = 20.0
@@ -26,6 +27,62 @@ ERROR_LINE_MAX = 300
 ANSI_ESCAPE = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-_])")
 # ffmpeg's generic trailers: the line before them says what went wrong.
 GENERIC_LINES = frozenset({"Conversion failed!"})
+# DONE.extra.argv bounds: characters per argument, UTF-8 bytes in all.
+ARG_MAX_CHARS = 1024
+ARGV_MAX_BYTES = 4096
+# How ffmpeg reports an input it could not open or probe: "<input>: <error>" (ffmpeg <= 5),
+# "[in#0 @ 0x..] Error opening input: <error>" and "Error opening input files: <error>" (6+).
+OPEN_ERROR = re.compile(r"^(?:\[in#\d+[^\]]*\] )?Error opening input(?: files)?: (.+)$")
+# Errors that say the data is not media ffmpeg can read (a corrupt, truncated or foreign file;
+# a format off the demuxer allowlist): the same file fails the same way on every retry. Not
+# among them: I/O errors, memory, timeouts (they may pass).
+DATA_ERRORS = ("Invalid data found when processing input", "Invalid argument", "End of file",
+               "could not find codec parameters", "moov atom not found", "not on whitelist")
+
+
+def corrupt_input(stderr: str, path: str) -> bool:
+    """True if ffmpeg's stderr says it could not open or probe the local input `path` as
+    media (DATA_ERRORS, on the line naming the input or ffmpeg's "Error opening input")."""
+    prefix = path + ": "
+    for raw in stderr.splitlines():
+        line = raw.strip()
+        if line.startswith(prefix):
+            message = line[len(prefix):]
+        else:
+            m = OPEN_ERROR.match(line)
+            if m is None:
+                continue
+            message = m.group(1)
+        if any(e in message for e in DATA_ERRORS):
+            return True
+    return False
+
+
+def bounded_argv(argv: list[str], limit: int = ARGV_MAX_BYTES) -> list[str]:
+    """The argv for DONE.extra.argv: valid UTF-8, each argument at most ARG_MAX_CHARS
+    characters, at most `limit` bytes in all (middle arguments give way to one "…", the first
+    and the last two - the output - are kept)."""
+    def clean(arg: str) -> str:
+        text = os.fsencode(arg).decode("utf-8", "replace")
+        return text if len(text) <= ARG_MAX_CHARS else text[:ARG_MAX_CHARS - 1] + "…"
+
+    def size(arg: str) -> int:
+        return len(arg.encode("utf-8"))
+
+    args = [clean(str(a)) for a in argv]
+    if sum(map(size, args)) <= limit:
+        return args
+    tail = args[-2:]
+    budget = limit - sum(map(size, tail)) - size("…")
+    head: list[str] = []
+    for arg in args[:-2]:
+        if size(arg) > budget:
+            break
+        head.append(arg)
+        budget -= size(arg)
+    return head + ["…"] + tail
+
+
 def _probe_setup(parent: int) -> Any:
     """The probe's preexec_fn: SIGKILL it if the agent dies (it is the agent's, not a job's)."""
 
@@ -215,6 +272,12 @@ class FFmpegHook(Hook):
                 extra["error"] = line
         extra.update({k: v for k, v in (self.progress() or {}).items()
                       if k not in ("progress", "bytes_in", "bytes_out")})
+        extra["argv"] = bounded_argv(run.argv)
+        local = self.plan.local_input
+        if (result.status == FAILED and result.reason == EXIT_CODE and local is not None
+                and self.last is None and corrupt_input(run.stderr_tail(), local)):
+            # ffmpeg could not open or probe a local file as media: a retry reads the same bytes
+            result = replace(result, reason=INVALID_INPUT)
         if result.status == "completed" and self.plan.tmp_output is not None:
             final = self.plan.final_output
             assert final is not None
@@ -222,10 +285,12 @@ class FFmpegHook(Hook):
                 if os.path.realpath(final.parent) != str(final.parent):
                     raise OSError(f"{final.parent} changed (a symlink?) since the job started")
                 size = self.plan.tmp_output.stat().st_size
-                move_into_place(self.plan.tmp_output, final)
-            except OSError as e:
-                extra["error"] = f"cannot move output into place: {e}"
-                return replace(result, status="failed", reason="exit_code", extra=extra,
+                publish(self.plan.tmp_output, final, self.plan.job_id, self.plan.overwrite)
+            except (OSError, OutputExists) as e:
+                exists = isinstance(e, OutputExists)
+                extra["error"] = str(e) if exists else f"cannot move output into place: {e}"
+                return replace(result, status=FAILED,
+                               reason=OUTPUT_EXISTS if exists else AGENT_ERROR, extra=extra,
                                bytes_in=self.bytes_in, bytes_out=self.bytes_out)
             self.bytes_out = size
             extra.update(output_path=str(final), output_bytes=size)
@@ -233,20 +298,3 @@ class FFmpegHook(Hook):
             extra["output_url"] = True
         return replace(result, extra=extra, bytes_in=self.bytes_in, bytes_out=self.bytes_out)
 
-
-def move_into_place(src: Path, dst: Path) -> None:
-    """Atomically publish src at dst: rename, or copy beside dst then rename across filesystems."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(src, dst)
-        return
-    except OSError as e:
-        if e.errno != 18:  # EXDEV: another filesystem
-            raise
-    tmp = dst.with_name(f".{dst.name}.partial")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
