@@ -175,6 +175,10 @@ class MasterCore:
                 self.out.send(AGENT, ident, "ERROR",
                               {"code": e.code, "text": f"HELLO.results: {e.text}"})
                 continue
+            if len(done["reason"] or "") > MAX_REASON:  # as for DONE: cut, never lost for it
+                self.out.send(AGENT, ident, "ERROR", {"code": "bad_body", "text":
+                              f"HELLO.results: DONE.reason: at most {MAX_REASON} characters"})
+                done = {**done, "reason": done["reason"][:MAX_REASON]}
             self._done(conn, done, now, wall)
         still: set[tuple[int, int]] = {
             (r["id"], r["attempt"]) for r in msg["running"]

@@ -90,6 +90,7 @@ def _context(ffmpeg: str | None) -> Context:
     return Context(cfg, ffmpeg, NoCgroups("not here"))
 
 
+@pytest.mark.slow  # left out of the per-version CI runs
 @pytest.mark.ffmpeg
 @settings(max_examples=400, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

@@ -261,6 +261,7 @@ def test_jobs_show_renders_times_and_the_audit_trail(cluster: Cluster) -> None:
 # ---- 5. jobs list: columns, filters, truncation; jobs cancel: ranges, --state -----------------
 
 
+@pytest.mark.slow  # left out of the per-version CI runs
 def test_jobs_list_columns_filters_and_truncation(cluster: Cluster) -> None:
     ids = cluster.client.submit([{"scenario": "noop"}] * 3
                                 + [{"scenario": "sleep", "params": {"seconds": 0}}] * 2)
@@ -408,6 +409,7 @@ def test_wait_and_watch_use_the_events_endpoint_the_master_announces(
         c.close()
 
 
+@pytest.mark.slow  # left out of the per-version CI runs
 def test_wait_says_when_the_master_is_gone_and_carries_on_after_its_restart(
         cluster: Cluster) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FFRTMP_")}

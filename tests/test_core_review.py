@@ -70,3 +70,20 @@ def test_a_job_reclaimed_after_restart_is_watched_by_the_backstop_again() -> Non
                               running=[{"id": 40, "attempt": 1}]), 1.0, 1001.0)
     job = core.jobs.get(40)
     assert job is not None and job.state == sm.RUNNING and core.jobs.backstop.watching(40)
+
+
+def test_a_long_reason_in_hello_results_is_cut_as_in_done() -> None:
+    # An agent's reason becomes event text that every follower reads: DONE cuts it at 200
+    # characters, and so must the results a HELLO carries (they were taken whole).
+    core = core_with_agent()
+    job = submit(core, {"scenario": "sleep", "params": {"seconds": 1}})
+    core.dispatch(1.0, 1001.0)
+    sent(core)
+    result = {"id": job.id, "attempt": 1, "status": "failed", "reason": "x" * 5000,
+              "exit_code": 1}
+    core.on_agent(b"a1/2", msg("HELLO", name="a1", slots=4, workloads=["sleep"],
+                               results=[result]), 2.0, 1002.0)
+    assert job.state == sm.QUEUED  # the result was applied, not lost for its text
+    batch, outbox, _ = core.take_output()
+    assert all(len(e["reason"] or "") <= 200 for e in batch.events)
+    assert [e["reason"] for e in batch.events if e["job_id"] == job.id] == ["x" * 200]

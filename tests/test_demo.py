@@ -13,6 +13,7 @@ from harness import ROOT
 pytestmark = pytest.mark.ffmpeg
 
 
+@pytest.mark.slow  # left out of the per-version CI runs
 def test_demo_runs_a_mixed_batch_to_completion(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "ffrtmp", "demo", "--dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=240, cwd=ROOT)
