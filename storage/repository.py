@@ -211,10 +211,14 @@ class Store:
 
     def max_event_seq(self) -> int:
         """Highest event sequence number ever written (even if retention deleted it since)."""
-        ev, meta = self.models.JobEvent, self.models.Meta
-        with self._guard("max event seq"):
-            present = ev.select(peewee.fn.MAX(ev.id)).scalar() or 0
-            mark = meta.get_or_none(meta.key == SEQ_MARK_KEY)
+        return self._highest(self.models.JobEvent, SEQ_MARK_KEY, "max event seq")
+
+    def _highest(self, model: Any, mark_key: str, what: str) -> int:
+        """The larger of model's highest id and meta's high-water mark `mark_key`; 0 if none."""
+        meta = self.models.Meta
+        with self._guard(what):
+            present = model.select(peewee.fn.MAX(model.id)).scalar() or 0
+            mark = meta.get_or_none(meta.key == mark_key)
             return max(int(present), int(mark.value) if mark else 0)
 
     def find_idempotent(self, key: str) -> list[int]:
@@ -238,11 +242,7 @@ class Store:
 
     def max_job_id(self) -> int:
         """Highest job id ever inserted, even if retention deleted it since; 0 for a fresh db."""
-        job, meta = self.models.Job, self.models.Meta
-        with self._guard("max job id"):
-            present = job.select(peewee.fn.MAX(job.id)).scalar() or 0
-            mark = meta.get_or_none(meta.key == ID_MARK_KEY)
-            return max(int(present), int(mark.value) if mark else 0)
+        return self._highest(self.models.Job, ID_MARK_KEY, "max job id")
 
     def terminal_older_than(self, cutoff: float, limit: int) -> list[int]:
         """Up to limit ids of terminal jobs with finished_at < cutoff (epoch s), oldest first."""
