@@ -162,9 +162,12 @@ def test_timeout_and_cancel_are_not_oom(backend: CgroupBackend, tmp_path: Path) 
     hook = CgroupHook(backend, job_key(5, 2), Limits(memory_mb=256))
     run = synthetic(tmp_path, "sleep", "--seconds", "30", hooks=[hook])
     run.start(time.monotonic())
-    wait_for(lambda: run.pid and psutil.Process(run.pid).cmdline()[-1] == "30", 10)
-    run.stop(time.monotonic(), 2.0)
-    result = ended(run, 10)
+    try:
+        # During execve /proc/<pid>/cmdline reads empty for a moment: compare a slice.
+        wait_for(lambda: run.pid and psutil.Process(run.pid).cmdline()[-1:] == ["30"], 10)
+    finally:
+        run.stop(time.monotonic(), 2.0)
+        result = ended(run, 10)
     assert (result.status, result.reason) == ("cancelled", "cancelled_graceful")
 
 

@@ -203,7 +203,9 @@ def test_ffmpeg_failure_shows_the_error_line_and_show_has_the_whole_story(
         assert "Invalid data found" in lines[0] and "->" not in lines[0]
         assert not (outputs / "g.mp4").exists()
 
-        good = ok(c.cli("submit", "720p-h264", "--input", "testsrc:duration=1", "--output",
+        # 4 s of media: long enough for PROGRESS (≤ 2/s) to arrive before the end even on an
+        # idle machine (1 s encoded in 0.34 s once, with no PROGRESS at all: no bar to see).
+        good = ok(c.cli("submit", "720p-h264", "--input", "testsrc:duration=4", "--output",
                         "clips/{id}.mp4", "--wait"))
         good_id = int(good.stdout.splitlines()[0].rsplit(" ", 1)[1])
         written = outputs / "clips" / f"{good_id}.mp4"
@@ -216,7 +218,7 @@ def test_ffmpeg_failure_shows_the_error_line_and_show_has_the_whole_story(
         text = ok(c.cli("jobs", "show", str(good_id))).stdout
         fields = dict(line.strip().split(": ", 1) for line in text.splitlines()
                       if re.match(r"^ +[a-z ]+: ", line))
-        assert fields["input"] == "testsrc:duration=1"
+        assert fields["input"] == "testsrc:duration=4"
         assert fields["output"] == f"clips/{good_id}.mp4"
         assert fields["written"].startswith(f"{written}  (")
         assert "-c:v libx264" in fields["ffmpeg"] and fields["ffmpeg"].endswith(".mp4")
