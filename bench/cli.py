@@ -7,14 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-from bench import overhead, suite, wait
+from bench import dash_cost, overhead, suite, wait
 from bench.env import machine
 from bench.profiles import PROFILES, WORKLOADS, BenchError, customize, profile, workload
 from bench.progress import Bar
 from bench.report import aggregate, write
 from bench.run import RunSpec, run_all, versions
 
-MODES = ("run", "matrix", "depth", "store", "overhead", "wait")
+MODES = ("run", "matrix", "depth", "store", "overhead", "wait", "dash-cost")
 # The depth sweep measures the master's dispatch: many in-agent slots, 10k measured jobs.
 DEPTH_DEFAULTS = {"agents": 3, "slots": 16, "jobs": 10_000, "batch": 1000, "latency_samples": 0}
 
@@ -27,13 +27,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "and write report.json, report.md and plot.svg. `bench matrix` runs the "
                     "test matrix, `bench depth` the queue-depth sweep.")
     p.add_argument("mode", nargs="?", default="run",
-                   metavar="{run,matrix,depth,store,overhead,wait}",
+                   metavar="{run,matrix,depth,store,overhead,wait,dash-cost}",
                    help="run (default): one profile; matrix: the comparison matrix; "
                         "depth: dispatch rate with 0, 10k, 100k jobs already queued; "
                         "store: what the database alone absorbs per group-commit size; "
                         "overhead: one agent's cost per job (sleep jobs against the ideal, "
                         "short ffmpeg jobs against xargs -P); wait: `ffrtmp submit --count N "
-                        "--wait` against the bench's own driver on one cluster")
+                        "--wait` against the bench's own driver on one cluster; dash-cost: CPU of "
+                        "`ffrtmp dash` (in tmux) and of the master serving it at --rate "
+                        "(default 1000) noop jobs/s, with and without, --repeat (default 3)")
     p.add_argument("--profile", default="quick",
                    help=f"{', '.join(f'{k} ({v.jobs:,} jobs)' for k, v in PROFILES.items())}")
     p.add_argument("--workload", default="noop", help=f"{', '.join(WORKLOADS)} (default noop)")
@@ -145,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
                 if value is not None:
                     setattr(cfg, key, value)
             paths = wait.run(cfg, out, bar)
+        elif args.mode == "dash-cost":
+            out = _out(args, "dash-cost")
+            paths = dash_cost.run(dash_cost.config(args), out, bar)
         elif args.mode == "overhead":
             out = _out(args, "overhead")
             paths = overhead.run(_overhead_config(args), out, bar)

@@ -17,7 +17,6 @@ is measured before and after in one run; `--tree DIR` runs this side from a tree
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shlex
@@ -39,6 +38,7 @@ from bench.env import machine
 from bench.load import Driver, LoadError
 from bench.profiles import BenchError
 from bench.progress import Bar
+from bench.report import write_plain
 from bus.client import Client
 
 # A 480p x264 scenario (an operator scenario, given to the master with --scenarios).
@@ -312,13 +312,7 @@ def run(cfg: Config, out: Path, bar: Bar) -> dict[str, Path]:
     host["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report = _report(cfg, raw, time.monotonic() - started, host,
                      {s.label: s.cluster.tree or "installed" for s in sides})
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "report.json", "md": out / "report.md"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    md = _markdown(report)
-    paths["md"].write_text(md)
-    sys.stdout.write(md)
-    return paths
+    return write_plain(out, report, _markdown(report))
 
 
 def _report(cfg: Config, raw: dict[str, dict[str, list[dict[str, Any]]]], elapsed: float,

@@ -6,6 +6,7 @@ import collections
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,16 @@ def write(out: Path, report: dict[str, Any], runs: list[dict[str, Any]]) -> dict
     paths["plot"].write_text(plot.render(title, rep.get("timeline", []),
                                          rep.get("_latencies", []), sub))
     paths["md"].write_text(markdown(report))
+    return paths
+
+
+def write_plain(out: Path, report: dict[str, Any], md: str) -> dict[str, Path]:
+    """Write report.json and report.md (no plot) into out, echo the Markdown; returns paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "md": out / "report.md"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["md"].write_text(md)
+    sys.stdout.write(md)
     return paths
 
 

@@ -187,6 +187,14 @@ class Subscriber:
         except (ProtocolError, UnicodeDecodeError):
             return None
 
+    def subscribe(self, topic: str) -> None:
+        """Add a topic prefix (the master filters: unsubscribed topics are never sent)."""
+        self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a topic prefix added before."""
+        self._sock.setsockopt(zmq.UNSUBSCRIBE, topic.encode())
+
     def __iter__(self) -> Iterator[tuple[str, Message]]:
         while True:
             item = self.recv(1.0)

@@ -303,6 +303,8 @@ class MasterCore:
             "slots_busy": busy,
             "dispatched_total": self.jobs.dispatched_total,
             "completed_total": self.jobs.finished_total,
+            "sla": {**self.metrics.sla_counts, "target": self.metrics.sla.target,
+                    "done_s": self.metrics.sla.done_s, "wait_s": self.metrics.sla.wait_s},
             "uptime_s": round(time.monotonic() - self.started, 3),
         }
 

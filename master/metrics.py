@@ -78,6 +78,7 @@ class MasterMetrics:
                  sla: SlaPolicy | None = None) -> None:
         self.registry = registry
         self.sla = sla or SlaPolicy()
+        self.sla_counts = {"met": 0, "missed": 0}  # verdicts since start (STATS `sla`)
         self.scenario = LabelClamp([*WORKLOADS, *scenarios])
         self.reason = LabelClamp(REASONS)
         self.agent = LabelClamp(extra=MAX_AGENT_LABELS)
@@ -209,7 +210,9 @@ class MasterMetrics:
             mode = "forced" if reason == CANCELLED_FORCED else "graceful"
             self._child(self.cancelled, mode).inc()
         if verdict is not None:
-            self._child(self.sla_jobs, "met" if verdict else "missed").inc()
+            key = "met" if verdict else "missed"
+            self._child(self.sla_jobs, key).inc()
+            self.sla_counts[key] += 1
 
     # ---- state gauges ------------------------------------------------------------------------
 

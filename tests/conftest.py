@@ -17,6 +17,7 @@ The helpers are plain functions; import them with ``from conftest import wait_fo
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import time
 import uuid
@@ -32,7 +33,7 @@ T = TypeVar("T")
 IN_CI = os.environ.get("CI") == "true"
 
 #: Markers whose tests must run (not skip) in CI.
-MANDATORY_MARKERS = ("postgres", "cgroups", "ffmpeg")
+MANDATORY_MARKERS = ("postgres", "cgroups", "ffmpeg", "ui")
 
 #: Skips with this reason prefix are accepted in CI even on mandatory suites.
 NOT_APPLICABLE_PREFIX = "not applicable on this host: "
@@ -111,7 +112,7 @@ def find_ffmpeg() -> str | None:
 
 @pytest.fixture(autouse=True)
 def _mandatory_requirements(request: pytest.FixtureRequest) -> None:
-    """Marking a test ``postgres``/``cgroups``/``ffmpeg`` is enough to require the thing."""
+    """Marking a test ``postgres``/``cgroups``/``ffmpeg``/``ui`` is enough to require the thing."""
     node = request.node
     if node.get_closest_marker("cgroups"):
         require(
@@ -122,6 +123,9 @@ def _mandatory_requirements(request: pytest.FixtureRequest) -> None:
         require(find_ffmpeg() is not None, "no ffmpeg on PATH and imageio-ffmpeg has no binary")
     if node.get_closest_marker("postgres"):
         request.getfixturevalue("pg_server_url")
+    if node.get_closest_marker("ui"):
+        missing = [t for t in ("tmux", "chromium") if shutil.which(t) is None]
+        require(not missing, f"needs {' and '.join(missing)} (apt-get install {' '.join(missing)})")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
