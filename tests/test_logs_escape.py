@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.text import Text
 from textual.widgets import DataTable, Static
 
-from bus.errors import ClientError
-from conftest import free_port
+from bus.client import Client
 from ffrtmp import logs
 from tui.app import Dashboard
+from tui.model import DashModel
 
 FORGED = "a1\n2026-01-01 00:00:00,000 INFO ffrtmp.master: fake line"
 
@@ -91,52 +92,43 @@ MARKUP = "[red]x[/red][link=http://e]y[/link]"
 BROKEN = "[/] [bold"  # invalid markup: parsing it raised and crashed the dashboard
 
 
-class FakeClient:
-    """Just what the dashboard calls, answering with hostile names."""
-
-    keys = None
-
-    def __init__(self) -> None:
-        self.error: ClientError | None = None
-
-    def stats(self) -> dict[str, Any]:
-        if self.error is not None:
-            raise self.error
-        return {"agents": 1, "jobs_by_state": {"running": 1}}
-
-    def nodes(self) -> list[dict[str, Any]]:
-        return [{"name": MARKUP, "state": "alive", "slots": 1, "busy": 1, "cgroup": BROKEN,
-                 "limits": "[b]enforced[/b]", "last_seen_s": 0.1}]
-
-    def list_jobs(self, states: list[str], limit: int) -> list[dict[str, Any]]:
-        return [{"id": 7, "scenario": BROKEN, "state": "running", "priority": "normal",
-                 "agent": MARKUP, "progress": 0.5, "attempt": 1, "max_attempts": 3}]
+def _hostile_model() -> DashModel:
+    """What a master could relay from peers: names, limits and scenarios with markup."""
+    m = DashModel(endpoint="tcp://127.0.0.1:1")
+    node = {"name": MARKUP, "state": "alive", "slots": 1, "busy": 1, "cgroup": BROKEN,
+            "limits": "[b]enforced[/b]", "encoders": [BROKEN], "resources": {},
+            "last_seen_s": 0.1}
+    job = {"id": 7, "scenario": BROKEN, "state": "running", "priority": "normal",
+           "agent": MARKUP, "progress": 0.5, "attempt": 1, "max_attempts": 3}
+    m.set_snapshot({"agents": 1}, [node], [job], [], 0.0, 0.0)
+    return m
 
 
-def _cells(table: DataTable[Any], row: int) -> list[str]:
-    """The text of one row as the table renders it (one line per row, cells padded)."""
-    strip = table.render_line(row + 1)  # line 0 is the header
-    return "".join(segment.text for segment in strip).split()
+def _plain(cell: Any) -> str:
+    assert isinstance(cell, Text) and not cell.spans, cell  # never parsed as markup
+    return cell.plain
 
 
 def test_dashboard_shows_names_and_errors_as_plain_text() -> None:
-    client = FakeClient()
+    model = _hostile_model()
 
     async def drive() -> None:
-        app = Dashboard(client, f"tcp://127.0.0.1:{free_port()}")  # type: ignore[arg-type]
+        app = Dashboard(lambda: Client("tcp://127.0.0.1:1"), None, feed=False, model=model,
+                        clock=lambda: (0.5, 0.0))
         async with app.run_test(size=(220, 40)) as pilot:
+            await pilot.press("3")
             await pilot.pause()
-            nodes = app.query_one("#nodes", DataTable)
-            jobs = app.query_one("#jobs", DataTable)
-            node_cells = _cells(nodes, 0)
-            assert node_cells[0] == MARKUP and " ".join(node_cells[4:6]) == BROKEN
-            assert node_cells[6] == "[b]enforced[/b]"
-            job_cells = _cells(jobs, 0)
-            assert " ".join(job_cells[1:3]) == BROKEN and job_cells[5] == MARKUP
-            client.error = ClientError("timeout", MARKUP)
-            await pilot.press("r")
+            node = [_plain(c) for c in app.query_one("#nodes", DataTable).get_row_at(0)]
+            assert node[0] == MARKUP and f"[b]enforced[/b] ({BROKEN})" in node
+            assert BROKEN in node  # the encoders summary
+            await pilot.press("2")
             await pilot.pause()
-            summary = str(app.query_one("#summary", Static).render())
-            assert summary == f"master unreachable: timeout: {MARKUP}"
+            job = [_plain(c) for c in app.query_one("#jobs", DataTable).get_row_at(0)]
+            assert BROKEN in job and MARKUP in job
+            model.heard_at = None
+            model.failed_request(f"timeout: {MARKUP}")  # an error text from the network
+            await pilot.pause(0.4)  # the status line is redrawn every 0.25 s
+            status = str(app.query_one("#status", Static).render())
+            assert status.startswith("✖ master unreachable") and f"timeout: {MARKUP}" in status
 
     asyncio.run(drive())

@@ -7,15 +7,17 @@ waits on the master: when it is down the status line says so and the keys keep w
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Vertical
 from textual.coordinate import Coordinate
+from textual.css.query import NoMatches
 from textual.widgets import (
     DataTable,
     Footer,
@@ -47,6 +49,21 @@ NODE_COLUMNS = [("agent", "agent", 12), ("state", "state", 9), ("busy", "busy", 
 PUMP_S = 0.1  # how often the feed's updates are folded in
 RENDER_S = 0.3  # tables are redrawn at most this often
 TABS = ("overview", "jobs-tab", "agents-tab", "events-tab")
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def while_shown(fn: F) -> F:
+    """For timer callbacks: a tick that lands while the app is exiting (its widgets already
+    gone) does nothing instead of raising NoMatches out of the exit."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kw: Any) -> None:
+        try:
+            fn(*args, **kw)
+        except NoMatches:
+            pass
+
+    return run  # type: ignore[return-value]
 
 
 def fitting(columns: Sequence[tuple[str, str, int]], width: int) -> list[tuple[str, str, int]]:
@@ -163,6 +180,7 @@ class Dashboard(App[None]):
 
     # ---- data -----------------------------------------------------------------------------
 
+    @while_shown
     def _pump(self) -> None:
         """Fold in what the feed has brought since the last call."""
         if self.feed is None:
@@ -191,6 +209,7 @@ class Dashboard(App[None]):
                 m.failed_request(str(payload))
         self._write_log()
 
+    @while_shown
     def _tick(self, advance: bool = True) -> None:
         """Once a second: close the rates and redraw the overview."""
         if advance:
@@ -199,6 +218,7 @@ class Dashboard(App[None]):
             view.show(self.model.series[view.series_name].points)
         self.query_one("#overview-text", Static).update(self.model.overview())
 
+    @while_shown
     def _status(self) -> None:
         now, _ = self.clock()
         self.query_one("#status", Static).update(self.model.status(now))
@@ -221,6 +241,7 @@ class Dashboard(App[None]):
 
     # ---- tables ---------------------------------------------------------------------------
 
+    @while_shown
     def _render(self) -> None:
         if not self._dirty:
             return
