@@ -104,6 +104,9 @@ def test_declined_confirmation_cancels_nothing_and_drain_names_the_agent(
             await until(pilot, lambda: jobs.row_count == 1, 10, "the job")
             await pilot.press("c")
             await until(pilot, lambda: isinstance(app.screen, Confirm), 5, "the confirmation")
+            await pilot.press("c")  # the app's keys do nothing over a confirmation
+            await pilot.pause()
+            assert len(app.screen_stack) == 2
             await pilot.press("n")
             await until(pilot, lambda: not isinstance(app.screen, Confirm), 5, "dismissed")
             await pilot.press("enter")

@@ -308,6 +308,10 @@ class Dashboard(App[None]):
     # ---- actions --------------------------------------------------------------------------
 
     def _active(self) -> str:
+        """The tab shown, or "" while a confirmation or a detail is open over it (the app's
+        keys then do nothing: a `c` pressed at a confirmation must not stack a second one)."""
+        if len(self.screen_stack) > 1:
+            return ""
         return self.query_one(TabbedContent).active
 
     def action_tab(self, tab: str) -> None:
@@ -321,6 +325,8 @@ class Dashboard(App[None]):
             self.feed.poll_now.set()
 
     def action_filter(self) -> None:
+        if not self._active():
+            return
         self.action_tab("jobs-tab")
         box = self.query_one("#filter", Input)
         box.display = True
@@ -443,7 +449,7 @@ class Dashboard(App[None]):
     def action_drain_node(self) -> None:
         node = self.selected_node() if self._active() == "agents-tab" else None
         if node is None:
-            if self._active() != "agents-tab":
+            if self._active() not in ("agents-tab", ""):
                 self.notify("drain: pick an agent on the Agents tab (3)", markup=False)
             return
         name = node["name"]

@@ -190,6 +190,7 @@ class DashModel:
                 job["progress"] = max(job.get("progress") or 0.0, old.get("progress") or 0.0)
                 job["extra"] = {**(job.get("extra") or {}), **(old.get("extra") or {})}
         self.live = fresh
+        self._bytes = {k: v for k, v in self._bytes.items() if k in fresh}  # bounded by live
         for job in sorted(recent, key=lambda j: j["id"]):
             if job.get("state") in TERMINAL:
                 self._finish(job)
