@@ -27,11 +27,9 @@ import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from bench.load import Driver, LoadError
 from bench.profiles import BenchError
 from bench.progress import Bar
 from bench.report import write_plain
+from bench.tmux import Session
 
 NOOP = {"scenario": "noop"}
 SIDES = ("without", "overview", "jobs")
@@ -97,55 +96,38 @@ class DashPane:
     def __init__(self, cluster: LocalCluster, width: int, height: int) -> None:
         if not _have_tmux():
             raise BenchError("dash-cost needs tmux (apt-get install tmux)")
-        self.socket = f"ffrtmp-bench-{uuid.uuid4().hex[:10]}"
-        self.target = "dash:0.0"
-        self.env = {**os.environ, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-        self.env.pop("FFRTMP_MASTER", None)
-        self.env.pop("FFRTMP_EVENTS", None)
+        self.session = Session("ffrtmp-bench", width, height, error=BenchError)
+        self.session.env.pop("FFRTMP_MASTER", None)
+        self.session.env.pop("FFRTMP_EVENTS", None)
         self.cluster = cluster
-        self.size = (width, height)
         self.proc: psutil.Process | None = None
-        self.socket_path = ""
         self.server: psutil.Process | None = None
 
-    def tmux(self, *args: str, check: bool = True) -> str:
-        proc = subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", "-u", *args],
-                              capture_output=True, text=True, env=self.env, timeout=10,
-                              check=False)
-        if check and proc.returncode != 0:
-            raise BenchError(f"tmux {args[0]}: {proc.stderr.strip()}")
-        return proc.stdout
-
     def screen(self) -> str:
-        return self.tmux("capture-pane", "-p", "-t", self.target, check=False)
+        return self.session.screen(check=False)
+
+    def keys(self, *keys: str) -> None:
+        self.session.keys(*keys)
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the dashboard and wait until it shows the cluster (live, agents counted)."""
         argv = [sys.executable, "-m", "ffrtmp", "--master", self.cluster.clients_ep,
                 "--events-ep", self.cluster.events_ep, "dash"]
-        # Textual draws on stderr, so nothing is redirected: remain-on-exit keeps the last
-        # screen (a traceback) of a dashboard that died.
-        cmd = f"exec {shlex.join(argv)}"
-        self.tmux("new-session", "-d", "-s", "dash", "-x", str(self.size[0]), "-y",
-                  str(self.size[1]), "-c", str(ROOT), cmd, ";",
-                  "set-option", "-t", "dash", "remain-on-exit", "on")
-        self.socket_path = self.tmux("display-message", "-p", "#{socket_path}").strip()
-        self.server = psutil.Process(int(self.tmux("display-message", "-p", "#{pid}").strip()))
-        self.proc = psutil.Process(int(self.tmux("display-message", "-p", "-t", self.target,
-                                                 "#{pane_pid}").strip()))
+        # Textual draws on stderr, so nothing is redirected (remain-on-exit keeps its screen).
+        self.session.start(f"exec {shlex.join(argv)}", ROOT)
+        self.server = psutil.Process(self.session.pid("pid"))
+        self.proc = psutil.Process(self.session.pid("pane_pid"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.tmux("display-message", "-p", "-t", self.target, "#{pane_dead}").strip() \
-                    == "1":
+            dead = self.session.tmux("display-message", "-p", "-t", self.session.target,
+                                     "#{pane_dead}")
+            if dead.strip() == "1":
                 raise BenchError(f"the dashboard exited at start:\n{self.screen()}")
             if _ready(self.screen()):
                 return
             time.sleep(0.1)  # start-up poll in a tool, not a test
         raise BenchError(f"the dashboard did not show the cluster within {timeout:g}s:\n"
                          f"{self.screen()}")
-
-    def keys(self, *keys: str) -> None:
-        self.tmux("send-keys", "-t", self.target, *keys)
 
     def stop(self) -> float | None:
         """`q`, then kill the tmux server; seconds the dashboard took to exit (None: killed)."""
@@ -161,9 +143,7 @@ class DashPane:
                 if not _alive(self.proc):
                     took = time.monotonic() - pressed
         finally:
-            self.tmux("kill-server", check=False)
-            if self.socket_path:  # kill-server leaves the socket file behind
-                Path(self.socket_path).unlink(missing_ok=True)
+            self.session.kill()
             if self.proc is not None:
                 with contextlib.suppress(psutil.Error):
                     self.proc.kill()

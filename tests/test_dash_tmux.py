@@ -10,18 +10,16 @@ and `q` ending the process within 0.5 s.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from bench.tmux import UTF8, Session
 from conftest import wait_for
 from harness import ROOT, Cluster
 
@@ -35,44 +33,20 @@ QUIT_S = 0.5  # the contract
 # Textual's own teardown takes ~0.25 s of that (an empty Textual app in this tmux: 0.25 s); the
 # slack is for the shared CI machine. The measured figure is printed.
 QUIT_SLACK_S = 0.25
-UTF8 = {"LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
 
 
-class Tmux:
-    """One detached tmux session on a private server, running one command in one pane."""
+class Tmux(Session):
+    """The dashboard's pane, with the command's exit status in a file."""
 
     def __init__(self, tmp: Path, width: int, height: int) -> None:
-        self.socket = f"ffrtmp-dash-{uuid.uuid4().hex[:10]}"
-        self.target = "dash:0.0"
-        self.width, self.height = width, height
+        super().__init__("ffrtmp-dash", width, height, error=AssertionError)
         self.status_file = tmp / f"{self.socket}.status"
-        self.env = {**os.environ, **UTF8}
-        self.socket_path = ""
 
-    def tmux(self, *args: str, check: bool = True) -> str:
-        proc = subprocess.run(["tmux", "-L", self.socket, "-f", "/dev/null", "-u", *args],
-                              capture_output=True, text=True, env=self.env, timeout=10,
-                              check=False)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"tmux {' '.join(args)}: {proc.returncode} {proc.stderr}")
-        return proc.stdout
-
-    def start(self, argv: list[str]) -> None:
+    def run(self, argv: list[str]) -> None:
         # The pane's shell writes the command's exit status to a file the moment it ends (tmux
         # 3.3 does not always reap a dead pane's process at once, so #{pane_dead} and
-        # #{pane_dead_status} can lag by seconds); remain-on-exit keeps the last screen, so a
-        # crash stays readable.
-        cmd = f"{shlex.join(argv)}; echo $? > {shlex.quote(str(self.status_file))}"
-        self.tmux("new-session", "-d", "-s", "dash", "-x", str(self.width), "-y",
-                  str(self.height), "-c", str(ROOT), cmd, ";",
-                  "set-option", "-t", "dash", "remain-on-exit", "on")
-        self.socket_path = self.tmux("display-message", "-p", "#{socket_path}").strip()
-
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p", "-t", self.target)
-
-    def keys(self, *keys: str) -> None:
-        self.tmux("send-keys", "-t", self.target, *keys)
+        # #{pane_dead_status} can lag by seconds).
+        self.start(f"{shlex.join(argv)}; echo $? > {shlex.quote(str(self.status_file))}", ROOT)
 
     def exit_status(self) -> str | None:
         """The command's exit status once it has ended, else None."""
@@ -81,12 +55,6 @@ class Tmux:
         except FileNotFoundError:
             return None
         return text.strip() if text.endswith("\n") else None  # (written completely)
-
-    def kill(self) -> None:
-        """Stop the server and remove its socket file (kill-server leaves it behind)."""
-        self.tmux("kill-server", check=False)
-        if self.socket_path:
-            Path(self.socket_path).unlink(missing_ok=True)
 
     def wait_screen(self, pred: object, timeout: float, what: str) -> str:
         """Poll the pane until `pred(screen)` holds; the last screen is in the failure."""
@@ -142,7 +110,7 @@ def test_dash_in_tmux_as_an_operator(cluster: Cluster, tmp_path: Path,
 
     tmux = Tmux(tmp_path, *size)
     try:
-        tmux.start(_dash_argv(cluster))
+        tmux.run(_dash_argv(cluster))
         # -- the status line: live, one agent
         tmux.wait_screen(lambda s: _line(s, r"^\W*● live.*\bagents 1\b"), 20,
                          "status line `● live ... agents 1`")
