@@ -48,7 +48,6 @@ NODE_COLUMNS = [("agent", "agent", 12), ("state", "state", 9), ("busy", "busy", 
                 ("limits", "limits", 22), ("encoders", "encoders", 24)]
 PUMP_S = 0.1  # how often the feed's updates are folded in
 RENDER_S = 0.3  # tables are redrawn at most this often
-TABS = ("overview", "jobs-tab", "agents-tab", "events-tab")
 F = TypeVar("F", bound=Callable[..., None])
 
 

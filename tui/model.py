@@ -21,6 +21,7 @@ from bus.vocab import (
     PRIORITIES,
     QUEUED,
     RUNNING,
+    STATES,
     TERMINAL,
     TIMED_OUT,
 )
@@ -76,8 +77,6 @@ class Filter:
     @classmethod
     def parse(cls, text: str) -> Filter:
         """Parse the filter box; raises ValueError with a message for the status line."""
-        from bus.vocab import STATES
-
         states: set[str] = set()
         scenarios: set[str] = set()
         agent: str | None = None

@@ -18,7 +18,7 @@ from textual.widgets import Button, DataTable, Static
 
 from bus.client import Client
 from bus.errors import ClientError
-from tui.model import bar, eta, human_age, human_bytes
+from tui.model import bar, eta, human_bytes
 
 DETAIL_REFRESH_S = 1.0
 
@@ -182,5 +182,3 @@ class Detail(ModalScreen[None]):
     def action_dismiss_detail(self) -> None:
         self.dismiss(None)
 
-
-__all__ = ["Confirm", "Detail", "detail_text", "human_age"]
