@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable, Log, Static
 
 from bus.client import Client
 from conftest import wait_for
 from harness import Cluster
 from tui.app import JOB_COLUMNS, Dashboard, fitting
-from tui.model import DashModel, Filter
+from tui.model import LOG_LINES, DashModel, Filter
 from tui.screens import Confirm, Detail
 
 
@@ -229,3 +229,25 @@ def test_columns_give_way_by_priority_at_80_cells() -> None:
     keys = [c[0] for c in fitting(JOB_COLUMNS, 78)]
     assert keys[:4] == ["id", "state", "progress", "agent"] and "age" not in keys
     assert len(fitting(JOB_COLUMNS, 300)) == len(JOB_COLUMNS)
+
+
+def test_event_log_keeps_showing_lines_after_its_ring_is_full() -> None:
+    """The model keeps the last LOG_LINES lines; the Events pane must still get every new one
+    once that ring is full (it used to compare lengths, which stop changing then)."""
+    model = DashModel(endpoint="tcp://127.0.0.1:1")
+    for i in range(LOG_LINES):
+        model._log(float(i), "job", f"old {i}")
+
+    async def drive() -> None:
+        app = Dashboard(lambda: Client("tcp://127.0.0.1:1"), None, feed=False, model=model,
+                        clock=lambda: (0.5, 0.0))
+        async with app.run_test(size=(120, 30)) as pilot:
+            app._write_log()
+            for i in range(3):
+                model._log(0.0, "job", f"new {i}")
+            app._write_log()
+            await pilot.pause()
+            shown = "\n".join(app.query_one("#log", Log).lines)
+            assert all(f"new {i}" in shown for i in range(3)), shown[-200:]
+
+    asyncio.run(drive())

@@ -228,11 +228,8 @@ class Dashboard(App[None]):
             self.set_class(stale, "stale")
 
     def _write_log(self) -> None:
-        lines = self.model.log_lines()
-        new = lines[self._logged:] if self._logged <= len(lines) else lines
-        if len(self.model.log) == self.model.log.maxlen:
-            new = lines[-1:] if new else []  # a full ring: keep it simple, newest only
-        self._logged = len(lines)
+        new = self.model.log_lines(self._logged)
+        self._logged = self.model.logged
         for at, _, text in new:
             line = f"{time.strftime('%H:%M:%S', time.localtime(at))}  {text}"
             self.query_one("#log", Log).write_line(line)  # Log is plain text: never markup

@@ -138,6 +138,7 @@ class DashModel:
     recent: OrderedDict[int, dict[str, Any]] = field(default_factory=OrderedDict)  # finished
     series: dict[str, Series] = field(default_factory=lambda: {k: Series() for k in SERIES})
     log: deque[tuple[float, str, str]] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    logged: int = 0  # lines ever logged (the ring keeps the last LOG_LINES)
     filter: Filter = field(default_factory=Filter)
     heard_at: float | None = None  # monotonic: last reply or message from the master
     updated_wall: float | None = None  # epoch: when the shown data was last fresh
@@ -212,6 +213,7 @@ class DashModel:
 
     def _log(self, wall: float, kind: str, text: str) -> str:
         self.log.append((wall, kind, text))
+        self.logged += 1
         return text
 
     def _finish(self, job: dict[str, Any]) -> None:
@@ -394,10 +396,11 @@ class DashModel:
             f"{sla.get('done_s', '?')} s, wait ≤ {sla.get('wait_s', '?')} s; met {met} · "
             f"missed {missed})")
 
-    def log_lines(self, last: int | None = None) -> list[tuple[float, str, str]]:
-        """The event log, oldest first (the last `last` lines if given)."""
-        lines = list(self.log)
-        return lines if last is None else lines[-last:]
+    def log_lines(self, after: int = 0) -> list[tuple[float, str, str]]:
+        """The event log's lines logged after the first `after` ever (those still kept),
+        oldest first."""
+        n = min(self.logged - after, len(self.log))
+        return list(self.log)[-n:] if n > 0 else []
 
 
 def eta(job: dict[str, Any], wall: float) -> str:
