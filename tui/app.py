@@ -8,6 +8,7 @@ waits on the master: when it is down the status line says so and the keys keep w
 from __future__ import annotations
 
 import functools
+import queue
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -189,7 +190,7 @@ class Dashboard(App[None]):
         while True:
             try:
                 kind, payload = self.feed.updates.get_nowait()
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 break
             if kind == "snapshot":
                 snap: Snapshot = payload
