@@ -293,6 +293,8 @@ def wait_for(client: Client, ids: list[int], events: str, after: int, progress: 
             now = time.monotonic()
             if batch:
                 heard[0] = now
+                if down:  # events came (stream or read-back): the master is back
+                    down = _back(shown)
             elif now - heard[0] >= PROBE_S:  # quiet: say so if the master is gone
                 heard[0] = now
                 down = _probe(client, down, shown)
@@ -326,8 +328,13 @@ def _probe(client: Client, down: bool, shown: Progress) -> bool:
             print(f"ffrtmp: {e.code}: {e.text}; still waiting (Ctrl-C to stop)",
                   file=sys.stderr, flush=True)
         return True
-    if down:
-        print("ffrtmp: the master answers again", file=sys.stderr, flush=True)
+    return _back(shown) if down else False
+
+
+def _back(shown: Progress) -> bool:
+    """Say once that the master answers again; returns False (no longer down)."""
+    shown.close()
+    print("ffrtmp: the master answers again", file=sys.stderr, flush=True)
     return False
 
 
