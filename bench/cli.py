@@ -138,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
             paths = suite.depth(out, bar, spec, [_int(d) for d in _list(args.depths)])
         elif args.mode == "store":
             out = _out(args, "store")
-            paths = suite.store(out, bar, _list(args.dbs), args.jobs or 20_000, args.pg)
+            paths = suite.store(out, bar, _list(args.dbs), args.jobs or 20_000, args.pg,
+                                repeat=args.repeat)
         elif args.mode == "wait":
             out = _out(args, "wait")
             cfg = wait.Config(repeat=max(args.repeat, 1))

@@ -46,28 +46,40 @@ def _turns(first_id: int, n: int, wall: float) -> list[WriteBatch]:
 
 
 def ceiling(db: str, workdir: Path, batches: list[int], jobs: int = 20_000,
-            pg: str | None = None) -> dict[str, Any]:
-    """{backend, database, rows: [{batch, jobs_per_s, commit_ms}]} for each batch size."""
+            pg: str | None = None, repeat: int = 1) -> dict[str, Any]:
+    """{backend, database, rows: [{batch, fenced, jobs_per_s, commit_ms, rounds}]}: each batch
+    size with and without the leader's epoch check (master/leader.py), alternating which goes
+    first, `repeat` rounds each; jobs_per_s is the median round."""
     url, backend, cleanup = fresh_db(db, workdir, pg)
     rows = []
     try:
         store = Store(url)
         try:
+            epoch = store.take_epoch("bench", "", "", "", time.time())
             next_id = 1
             for b in batches:
                 n = max(b, (jobs // b) * b)
-                commits: list[float] = []
-                started = time.perf_counter()
-                for first in range(next_id, next_id + n, b):
-                    for batch in _turns(first, b, time.time()):
-                        t0 = time.perf_counter()
-                        store.apply(batch)
-                        commits.append(1000 * (time.perf_counter() - t0))
-                elapsed = time.perf_counter() - started
-                next_id += n
-                rows.append({"batch": b, "jobs": n, "jobs_per_s": round(n / elapsed, 1),
-                             "commit_ms": summary(commits)})
+                rates: dict[bool, list[float]] = {False: [], True: []}
+                commits: dict[bool, list[float]] = {False: [], True: []}
+                for r in range(max(1, repeat)):
+                    for fenced in ((False, True) if r % 2 == 0 else (True, False)):
+                        store.fence(epoch if fenced else None)
+                        started = time.perf_counter()
+                        for first in range(next_id, next_id + n, b):
+                            for batch in _turns(first, b, time.time()):
+                                t0 = time.perf_counter()
+                                store.apply(batch)
+                                commits[fenced].append(1000 * (time.perf_counter() - t0))
+                        rates[fenced].append(n / (time.perf_counter() - started))
+                        next_id += n
+                for fenced in (False, True):
+                    got = sorted(rates[fenced])
+                    rows.append({"batch": b, "jobs": n, "fenced": fenced,
+                                 "jobs_per_s": round(got[len(got) // 2], 1),
+                                 "rounds": [round(x, 1) for x in rates[fenced]],
+                                 "commit_ms": summary(commits[fenced])})
         finally:
+            store.fence(None)
             store.close()
         return {"backend": backend, "database": db_version(url), "rows": rows}
     finally:

@@ -110,7 +110,7 @@ def depth(out: Path, bar: Bar, base: RunSpec, depths: list[int]) -> dict[str, Pa
 
 
 def store(out: Path, bar: Bar, dbs: list[str], jobs: int, pg: str | None = None,
-          batches: tuple[int, ...] = (1, 10, 100, 1000)) -> dict[str, Path]:
+          batches: tuple[int, ...] = (1, 10, 100, 1000), repeat: int = 1) -> dict[str, Path]:
     """The storage ceiling per backend and group-commit size (no master, no sockets)."""
     from bench.store import ceiling
 
@@ -123,21 +123,29 @@ def store(out: Path, bar: Bar, dbs: list[str], jobs: int, pg: str | None = None,
             bar.phase(skipped[-1])
             continue
         bar.phase(f"storage ceiling on {d}: {jobs:,} job lifecycles per group-commit size")
-        results.append(ceiling(d, out / "work", list(batches), jobs, pg))
+        results.append(ceiling(d, out / "work", list(batches), jobs, pg, repeat))
     shutil.rmtree(out / "work", ignore_errors=True)
     doc = {"tool": "ffrtmp bench store", "created_at": _now(), "machine": machine(),
            "jobs": jobs, "skipped": skipped, "results": results}
     lines = ["# ffrtmp bench store: what the database absorbs", "",
              f"{doc['created_at']} · {jobs:,} noop job lifecycles per row (insert + submitted "
              "event, assigned update + event, completed update + event), applied with "
-             "`Store.apply` in group commits of N jobs, no master and no sockets.", "",
+             "`Store.apply` in group commits of N jobs, no master and no sockets; each size "
+             "without and with the leader's epoch check (fencing), alternating, "
+             f"{repeat} round(s) each (median).", "",
              *(f"*{s}*" for s in skipped),
-             "| database | jobs per commit | job lifecycles/s | commit p50 ms | commit p99 ms |",
-             "|---|---|---|---|---|"]
+             "| database | jobs per commit | epoch check | job lifecycles/s | commit p50 ms | "
+             "commit p99 ms | with / without |",
+             "|---|---|---|---|---|---|---|"]
     for res in results:
+        plain = {r["batch"]: r["jobs_per_s"] for r in res["rows"] if not r.get("fenced")}
         for row in res["rows"]:
-            lines.append(f"| {res['database']} | {row['batch']:,} | {_f(row['jobs_per_s'])} | "
-                         f"{_f(row['commit_ms']['p50'], 3)} | {_f(row['commit_ms']['p99'], 3)} |")
+            ratio = (f"{row['jobs_per_s'] / plain[row['batch']]:.3f}"
+                     if row.get("fenced") and plain.get(row["batch"]) else "")
+            lines.append(f"| {res['database']} | {row['batch']:,} | "
+                         f"{'yes' if row.get('fenced') else 'no'} | {_f(row['jobs_per_s'])} | "
+                         f"{_f(row['commit_ms']['p50'], 3)} | {_f(row['commit_ms']['p99'], 3)} "
+                         f"| {ratio} |")
     return _write_suite(out, "store", doc, "\n".join(lines) + "\n")
 
 

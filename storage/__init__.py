@@ -3,12 +3,13 @@
 from storage.backends import BACKENDS, Backend, backend_for, open_database
 from storage.batch import WriteBatch
 from storage.db import default_db_url
-from storage.errors import StorageError
+from storage.errors import Fenced, StorageError
 from storage.models import TERMINAL_STATES  # = bus.vocab.TERMINAL, kept for old importers
 from storage.repository import Store
 
 __all__ = [
     "BACKENDS",
+    "Fenced",
     "TERMINAL_STATES",
     "Backend",
     "Store",

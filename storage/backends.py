@@ -51,6 +51,10 @@ class Backend:
     # A fresh empty database (url, drop) for a bench run: on `server` where the backend has
     # servers, else under `workdir`; `tag` names it. StorageError if it cannot be made.
     scratch: Callable[[str, Path, str], tuple[str, Callable[[], None]]]
+    # Reads the leader row's epoch inside a group commit's transaction, locked so that a new
+    # leader's epoch bump waits for the commit or the commit sees the new epoch (fencing).
+    fence_sql: str = "SELECT epoch FROM leader WHERE id = 1"
+    servers: bool = False  # several processes on several hosts share it (standbys possible)
     aliases: tuple[str, ...] = ()  # short names accepted besides name and schemes
 
     def __repr__(self) -> str:
@@ -266,6 +270,10 @@ POSTGRESQL = Backend(
     vacuum_mode=_pg_vacuum_mode,
     version=_pg_version,
     scratch=_pg_scratch,
+    # FOR SHARE conflicts with the new leader's UPDATE of the row (master/leader.py): in READ
+    # COMMITTED a commit that waited on it re-reads the row and sees the new epoch.
+    fence_sql="SELECT epoch FROM leader WHERE id = 1 FOR SHARE",
+    servers=True,
     aliases=("pg",),
 )
 

@@ -22,12 +22,20 @@ def _v2_agents_last_seen(db: peewee.Database, models: Models) -> None:
     models.Agent._schema.create_indexes(safe=True)
 
 
+def _v3_leader(db: peewee.Database, models: Models) -> None:
+    """The leader row: the leading master and its epoch (master/leader.py), epoch 0 at first."""
+    db.create_tables([models.Leader], safe=True)
+    leader = models.Leader
+    leader.insert(id=1, epoch=0).on_conflict_ignore().execute()
+
+
 # Append (version, step) pairs; never edit a released step. A fresh database runs every step
 # after _v1_initial has created tables from today's models, so later steps must tolerate their
 # change being present already (e.g. add a column only if it is missing).
 STEPS: list[tuple[int, Step]] = [
     (1, _v1_initial),
     (2, _v2_agents_last_seen),
+    (3, _v3_leader),
 ]
 SCHEMA_VERSION = STEPS[-1][0]
 

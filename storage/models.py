@@ -68,7 +68,7 @@ def _default(value: int | float) -> list[peewee.Node]:
 
 @dataclass(frozen=True)
 class Models:
-    """The four model classes bound to one Database."""
+    """The model classes bound to one Database."""
 
     # Any: the classes are built at runtime, so their fields are unknown to a type checker.
     db: peewee.Database
@@ -76,15 +76,16 @@ class Models:
     JobEvent: Any
     Agent: Any
     Meta: Any
+    Leader: Any
 
     @property
     def all(self) -> list[Any]:
         """All models, in creation order."""
-        return [self.Meta, self.Job, self.JobEvent, self.Agent]
+        return [self.Meta, self.Job, self.JobEvent, self.Agent, self.Leader]
 
 
 def make_models(db: peewee.Database, strict: bool = False) -> Models:
-    """Build fresh Job, JobEvent, Agent and Meta model classes bound to db; strict asks for
+    """Build fresh Job, JobEvent, Agent, Meta and Leader model classes bound to db; strict asks for
     STRICT tables (storage.backends says which backends have them)."""
 
     class Base(peewee.Model):
@@ -157,4 +158,19 @@ def make_models(db: peewee.Database, strict: bool = False) -> Models:
         class Meta:
             table_name = "meta"
 
-    return Models(db=db, Job=Job, JobEvent=JobEvent, Agent=Agent, Meta=MetaKV)
+    class Leader(Base):
+        # One row (id 1): the leading master and its epoch, the fencing token every group
+        # commit checks (master/leader.py). Written only by the master that holds leadership.
+        id = peewee.IntegerField(primary_key=True)
+        epoch = peewee.BigIntegerField(default=0, constraints=_default(0))
+        instance = peewee.TextField(default="")
+        agents = peewee.TextField(default="")
+        clients = peewee.TextField(default="")
+        events = peewee.TextField(default="")
+        since = peewee.DoubleField(default=0, constraints=_default(0))
+        renewed = peewee.DoubleField(default=0, constraints=_default(0))  # lease, server clock
+
+        class Meta:
+            table_name = "leader"
+
+    return Models(db=db, Job=Job, JobEvent=JobEvent, Agent=Agent, Meta=MetaKV, Leader=Leader)

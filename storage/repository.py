@@ -13,7 +13,7 @@ from bus.vocab import TERMINAL
 from storage.backends import backend_for
 from storage.batch import WriteBatch
 from storage.db import redact_url
-from storage.errors import StorageError, one_line
+from storage.errors import Fenced, StorageError, one_line
 from storage.migrations import migrate
 from storage.models import AGENT_GONE, AGENT_JSON, JOB_JSON, make_models
 from storage.rows import (
@@ -49,6 +49,7 @@ class Store:
         self.db = self.kind.open(url)
         self.models = make_models(self.db, strict=self.kind.strict_tables)
         self._writer: BulkWriter = self.kind.writer()
+        self.epoch: int | None = None  # the leader's epoch every apply() checks (fence())
         failures: tuple[type[BaseException], ...] = (StorageError, *self.errors)
         try:
             self.db.connect(reuse_if_open=True)
@@ -119,6 +120,13 @@ class Store:
             w = self._writer
             with self.db.atomic():
                 cur = self.db.cursor()
+                if self.epoch is not None:
+                    cur.execute(self.kind.fence_sql)
+                    row = cur.fetchone()
+                    found = int(row[0]) if row else None
+                    if found != self.epoch:
+                        raise Fenced(f"commit refused: this master's epoch is {self.epoch}, "
+                                     f"the database's {found}: another master leads")
                 if inserts:
                     w.insert_jobs(cur, inserts)
                     w.raise_mark(cur, ID_MARK_KEY, max(r[0] for r in inserts))
@@ -134,6 +142,28 @@ class Store:
                     w.delete_terminal_jobs(cur, deletes)
                 if forgets:
                     w.forget_agents(cur, forgets)
+
+    def fence(self, epoch: int | None) -> None:
+        """Check from now on, inside every apply(), that the leader row's epoch is `epoch`
+        (None: no check, for tools that are not a master)."""
+        self.epoch = epoch
+
+    def take_epoch(self, instance: str, agents: str, clients: str, events: str,
+                   wall: float) -> int:
+        """Lead with a new epoch (SQLite: the file lock makes this process the only master):
+        increment the leader row's epoch and name this master; returns the new epoch."""
+        leader = self.models.Leader
+        with self._guard("take epoch"), self.db.atomic():
+            (leader.update(epoch=leader.epoch + 1, instance=instance, agents=agents,
+                           clients=clients, events=events, since=wall, renewed=wall)
+             .where(leader.id == 1).execute())
+            return int(leader.get_by_id(1).epoch)
+
+    def leader_row(self) -> Row | None:
+        """The leader row as stored (epoch, instance, endpoints, since, renewed), or None."""
+        leader = self.models.Leader
+        rows = self._rows("read leader", leader.select().where(leader.id == 1))
+        return rows[0] if rows else None
 
     # -- reads -----------------------------------------------------------------------------
 

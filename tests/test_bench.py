@@ -157,11 +157,14 @@ def test_store_ceiling_writes_whole_lifecycles(tmp_path: Path) -> None:
     from bench.store import ceiling
     from storage import Store
 
-    result = ceiling(f"sqlite:///{tmp_path}/store.db", tmp_path, [1, 10], jobs=20)
+    result = ceiling(f"sqlite:///{tmp_path}/store.db", tmp_path, [1, 10], jobs=20, repeat=2)
     assert result["backend"] == "sqlite"
-    assert [r["batch"] for r in result["rows"]] == [1, 10]
-    assert all(r["jobs"] == 20 and r["jobs_per_s"] > 0 for r in result["rows"])
+    # Each size without and with the epoch check, two rounds each.
+    assert [(r["batch"], r["fenced"]) for r in result["rows"]] == [
+        (1, False), (1, True), (10, False), (10, True)]
+    assert all(r["jobs"] == 20 and r["jobs_per_s"] > 0 and len(r["rounds"]) == 2
+               for r in result["rows"])
     with Store(f"sqlite:///{tmp_path}/store.db") as store:
-        assert store.counts_by_state() == {"completed": 40}
+        assert store.counts_by_state() == {"completed": 160}
         assert [e["to_state"] for e in store.events_for(1)] == ["queued", "assigned",
                                                                 "completed"]
