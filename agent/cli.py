@@ -33,7 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the agent subcommand."""
     p = sub.add_parser("agent", help="run an agent that executes jobs")
     p.add_argument("--master", default=DEFAULT_AGENTS,
-                   help="the master's agent endpoint, tcp://HOST:PORT or HOST:PORT")
+                   help="the master's agent endpoint, tcp://HOST:PORT or HOST:PORT; with "
+                        "standbys every master's, comma-separated (the agent follows the "
+                        "leader)")
     p.add_argument("--name", default=None,
                    help="unique agent name (default: the --key's name with CURVE keys, which "
                         "the master requires, else the host name, or HOST-2, HOST-3, ... when "
@@ -150,6 +152,16 @@ def check_master(target: str, keys: PeerKeys | None, insecure: bool) -> str:
     return master
 
 
+def check_masters(targets: str, keys: PeerKeys | None, insecure: bool) -> tuple[str, ...]:
+    """`--master A,B,…`: each endpoint checked as check_master does, duplicates dropped."""
+    out: list[str] = []
+    for item in targets.split(","):
+        master = check_master(item, keys, insecure)
+        if master not in out:
+            out.append(master)
+    return tuple(out)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM/SIGINT (a second one stops running jobs at once)."""
     if args.slots < 1:
@@ -166,19 +178,20 @@ def run(args: argparse.Namespace) -> int:
             keys = load_peer(args.key, args.master_key)
         except KeyMaterialError as e:
             raise SystemExit(f"ffrtmp agent: {e}") from e
-    master = check_master(args.master, keys, args.insecure)
+    masters = check_masters(args.master, keys, args.insecure)
     try:
         allow_url = NetPolicy.parse(args.allow_url)
     except ValueError as e:
         raise SystemExit(f"ffrtmp agent: --allow-url: {e}") from e
     name, work_dir, lock = place(args.name, args.work_dir, args.key)
     try:
-        return _serve(args, keys, master, allow_url, name, work_dir)
+        return _serve(args, keys, masters, allow_url, name, work_dir)
     finally:
         lock.release()
 
 
-def _serve(args: argparse.Namespace, keys: PeerKeys | None, master: str, allow_url: object,
+def _serve(args: argparse.Namespace, keys: PeerKeys | None, masters: tuple[str, ...],
+           allow_url: object,
            name: str,
            work_dir: Path) -> int:
     metrics_auto = args.metrics is None
@@ -187,7 +200,8 @@ def _serve(args: argparse.Namespace, keys: PeerKeys | None, master: str, allow_u
     cfg = AgentConfig(
         work_dir=work_dir, ffmpeg=args.ffmpeg, keys=keys, stall_s=args.stall_timeout,
         input_root=args.input_root or work_dir / "inputs",
-        output_root=args.output_root or work_dir / "outputs", master=master, name=name,
+        output_root=args.output_root or work_dir / "outputs", master=masters[0],
+        masters=masters, name=name,
         slots=args.slots, metrics=metrics, metrics_tries=64 if metrics_auto else 1,
         default_timeout_s=args.timeout, cgroup=args.cgroup, cgroup_parent=args.cgroup_parent,
         limits=args.limits, disk_floor_mb=args.disk_floor_mb, kill_grace_s=args.kill_grace,
@@ -208,7 +222,8 @@ def _serve(args: argparse.Namespace, keys: PeerKeys | None, master: str, allow_u
         host.cgroups.close()
         raise
     agent.install_signals()
-    log.info("agent %s, work dir %s, master %s", name, work_dir, master)
+    log.info("agent %s, work dir %s, master%s %s", name, work_dir,
+             "s" if len(masters) > 1 else "", ", ".join(masters))
     try:
         agent.run()
     except (MetricsError, BindError) as e:

@@ -17,7 +17,8 @@ class AgentConfig:
     """Everything the agent needs; times in seconds."""
 
     work_dir: Path
-    master: str = DEFAULT_AGENTS
+    master: str = DEFAULT_AGENTS  # the first of `masters` (set from it when that is given)
+    masters: tuple[str, ...] = ()  # every master endpoint, in order (failover); default (master,)
     name: str = socket.gethostname()
     slots: int = 4
     metrics: str | None = "127.0.0.1:9471"
@@ -47,3 +48,16 @@ class AgentConfig:
     job_nice: int = 10  # workloads run this much nicer than the agent (its heartbeat comes first)
     stop_grace_s: float = 30.0  # SIGTERM: running jobs may finish this long, then are handed back
     ack_wait_s: float = 2.0  # at stop: how long to wait for the master to acknowledge results
+
+    def __post_init__(self) -> None:
+        # One truth for callers of either field: `masters` wins, `master` is its first.
+        if self.masters:
+            object.__setattr__(self, "masters", tuple(self.masters))
+            object.__setattr__(self, "master", self.masters[0])
+        else:
+            object.__setattr__(self, "masters", (self.master,))
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """Every master endpoint this agent may connect to, in order (never empty)."""
+        return self.masters

@@ -28,6 +28,8 @@ from bus.codec import Message
 log = logging.getLogger("ffrtmp.agent")
 
 PREPARING, RUNNING, STOPPING = "preparing", "running", "stopping"
+NOT_LEADER_MAX_S = 1.0  # a standby's not_leader: retry backoff 0.1 s doubling up to this
+EPOCHED = ("JOB", "DONE_ACK", "CANCEL")  # master messages a deposed leader's epoch voids
 
 
 # ---- actions the loop executes ------------------------------------------------------------------
@@ -70,7 +72,18 @@ class Discard:
 
 @dataclass(frozen=True)
 class Reconnect:
-    """Close the connection and open a fresh one; answer with `connected()`."""
+    """Close the connection and open a fresh one; answer with `connected()`.
+
+    Where to: `to`, the leader's endpoint a standby named (the loop follows it only if it is in
+    the agent's list of masters, else it stays); else the next master in the list if `rotate`
+    (silence, BYE, a deposed leader's WELCOME); else the same one again. `why` and `repeat`
+    (the same reason as the last time: log it quietly) are for the loop's log line only.
+    """
+
+    to: str | None = None
+    rotate: bool = False
+    why: str = field(default="", compare=False)
+    repeat: bool = field(default=False, compare=False)
 
 
 Action = Prepare | Start | Stop | Discard | Reconnect
@@ -155,8 +168,13 @@ class AgentCore:
         self.liveness = self.timing.liveness
         self.last_recv = self.last_sent = 0.0
         self.backoff = 0.1
+        self.backoff_max = self.timing.reconnect_max_s  # NOT_LEADER_MAX_S after a not_leader
         self.reconnect_at = 0.0
         self.refused: str | None = None  # the master's last refusal of our HELLO (logged once)
+        self.epoch_seen = 0  # the highest leader epoch of a WELCOME we registered with
+        self.leaving = False  # this connection's master is being left: nothing it says counts
+        self.deposed = False  # a deposed leader welcomed us since the last WELCOME we accepted
+        self._hop = Reconnect()  # where the reconnect goes once we leave (see _leave)
         self.disk_free_mb = float("inf")
         self.next_progress = 0.0
         self.completed = 0
@@ -189,6 +207,8 @@ class AgentCore:
         for key in self._resend_at:  # HELLO carries them; resend later only if still unacked
             self._resend_at[key] = now + self.timing.resend_s
         self.registered = False
+        self.leaving = False
+        self.reconnect_at = 0.0
         self.granted = 0
         self.last_recv = now
         self._send("HELLO", self._hello(), now)
@@ -217,13 +237,40 @@ class AgentCore:
 
     def bad_frame(self, code: str, text: str, now: float) -> None:
         """The master sent something we cannot decode: say so (counts as hearing from it)."""
+        if self.leaving:
+            return
         self.last_recv = now
         self._send("ERROR", {"code": code, "text": text}, now)
 
+    def _stale(self, msg: Message) -> bool:
+        """True for a message of a deposed leader: an epoch above 0 (1.1 masters have none)
+        but below the highest one seen. It is ignored, unanswered, and counted."""
+        epoch = msg.get("epoch", 0)
+        if isinstance(epoch, int) and 0 < epoch < self.epoch_seen:
+            if self.observer is not None:
+                self.observer.stale_message(msg.command)
+            return True
+        return False
+
+    def _leave(self, hop: Reconnect, now: float, at_once: bool = False) -> None:
+        """Leave this master: reconnect as `hop` says on the next tick, after the backoff unless
+        `at_once`; until then nothing it sends is acted on or keeps the connection alive."""
+        self.registered = False
+        self.granted = 0
+        self.leaving = True
+        self.last_recv = -1e9
+        self._hop = hop
+        if at_once:
+            self.reconnect_at = max(now, 1e-9)  # due at once (0.0 would mean "not scheduled")
+
     def message(self, msg: Message, now: float) -> None:
         """One decoded message from the master."""
-        self.last_recv = now
         cmd = msg.command
+        if cmd in EPOCHED and self._stale(msg):
+            return  # a deposed leader's: no answer, and it does not count as hearing from it
+        if self.leaving:
+            return
+        self.last_recv = now
         if cmd == "WELCOME":
             self._welcome(msg, now)
         elif cmd == "JOB":
@@ -239,9 +286,8 @@ class AgentCore:
                     self._resend_at.pop((pair[0], pair[1]), None)
         elif cmd == "DRAIN":
             self.draining = bool(msg["on"])
-        elif cmd == "BYE":
-            log.info("master said BYE; reconnecting")
-            self.last_recv = -1e9  # reconnect on the next tick, with backoff
+        elif cmd == "BYE":  # reconnect on the next tick, with backoff, to the next master
+            self._leave(Reconnect(rotate=True, why="said BYE"), now)
         elif cmd == "ERROR":
             self._error(msg, now)
         if self.registered:
@@ -254,12 +300,26 @@ class AgentCore:
             key = "liveness: 1 to 1000" if hb_ok else "heartbeat_s: 0.01 to 3600 s"
             self._send("ERROR", {"code": "bad_body", "text": f"WELCOME.{key}"}, now)
             return
+        epoch = msg["epoch"]
+        if self._stale(msg):  # a deposed leader: do not register, move on to the next master
+            log.warning("master %s welcomes with epoch %d, older than epoch %d seen: a deposed "
+                        "leader; leaving it", msg["master"][:64], epoch, self.epoch_seen)
+            # The next master at once; if that one is deposed too, with the backoff (never a
+            # hot loop over deposed leaders).
+            self._leave(Reconnect(rotate=True,
+                                  why=f"is a deposed leader (epoch {epoch} < {self.epoch_seen})"),
+                        now, at_once=not self.deposed)
+            self.deposed = True
+            return
+        self.epoch_seen = max(self.epoch_seen, epoch)
+        self.deposed = False
         self.registered = True
         if self.refused is not None:
             log.info("master accepted this agent as %s", self.me.name)
         self.refused = None
         self.granted = 0
         self.backoff = 0.1
+        self.backoff_max = self.timing.reconnect_max_s
         self.heartbeat_s = float(msg["heartbeat_s"])
         self.liveness = int(msg["liveness"])
 
@@ -268,15 +328,32 @@ class AgentCore:
         if code in ("name_taken", "forbidden") and not self.registered:
             # Our HELLO was refused: say so once, then retry with backoff (the name may be held
             # by our own previous process until the master declares it lost).
-            if self.refused != code:
+            repeat = self.refused == code
+            if not repeat:
                 log.error("master refused this agent (%s): %s; retrying with backoff", code,
                           msg["text"])
             self.refused = code
-            self.last_recv = -1e9
+            self.backoff_max = self.timing.reconnect_max_s
+            # The same master: it is the one that leads.
+            self._leave(Reconnect(why=f"refused this agent ({code})", repeat=repeat), now)
+            return
+        if code == "not_leader":
+            # A standby: nothing we sent was applied. Follow it to the leader it names (the
+            # loop checks it is one of our masters), else try it again soon: it may lead.
+            leader = msg.get("leader")
+            hint = leader.get("agents") if isinstance(leader, dict) else None
+            to = hint[:1000] if isinstance(hint, str) and hint else None
+            repeat = self.refused == f"not_leader {to}"
+            if not repeat:
+                log.warning("master is a standby: %s", msg["text"][:200])
+            self.refused = f"not_leader {to}"
+            self.backoff_max = min(NOT_LEADER_MAX_S, self.timing.reconnect_max_s)
+            self.backoff = min(self.backoff, self.backoff_max)
+            self._leave(Reconnect(to=to, why="not_leader", repeat=repeat), now)
             return
         log.warning("master error %s: %s", code, msg["text"])
         if code == "unknown_agent":
-            self._actions.append(Reconnect())
+            self._actions.append(Reconnect(why="does not know this agent (unknown_agent)"))
 
     def _reject(self, job_id: int, attempt: int, reason: str, now: float) -> None:
         self._send("REJECT", {"id": job_id, "attempt": attempt, "reason": reason}, now)
@@ -452,12 +529,12 @@ class AgentCore:
         if now - self.last_recv > self.heartbeat_s * self.liveness:
             if not self.reconnect_at:
                 self.reconnect_at = now + self.backoff
-                self.backoff = min(self.timing.reconnect_max_s, self.backoff * 2)
+                self.backoff = min(self.backoff_max, self.backoff * 2)
             if now >= self.reconnect_at:
-                if self.refused is None:
-                    log.warning("master silent for %.1fs; reconnecting", now - self.last_recv)
                 self.reconnect_at = 0.0
-                self._actions.append(Reconnect())
+                # Left on purpose (_leave) or silent: silence moves on to the next master.
+                self._actions.append(self._hop if self.leaving else Reconnect(
+                    rotate=True, why=f"silent {now - self.last_recv:.1f}s"))
             return
         if self.registered:
             self._resend(now)

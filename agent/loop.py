@@ -43,7 +43,7 @@ from bus import vocab
 from bus.codec import decode, encode
 from bus.errors import ProtocolError
 from bus.schemas import MASTER_TO_AGENT
-from bus.sockets import AGENT_MAX_MSG, check_http_bind, connect_dealer
+from bus.sockets import AGENT_MAX_MSG, EndpointError, check_http_bind, connect_dealer, endpoint
 
 log = logging.getLogger("ffrtmp.agent")
 VERSION = "0.1.0"
@@ -53,6 +53,26 @@ START_BUDGET_S = 0.02  # spawning prepared attempts stops for this turn after th
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 _HAVE_PIDFD = hasattr(os, "pidfd_open")  # Linux >= 5.3 with Python >= 3.9
+
+
+def pick_master(masters: tuple[str, ...], current: int, hop: Reconnect,
+                avoid: str | None = None) -> tuple[int, bool]:
+    """(index in masters of the next connection's endpoint, False if `hop.to` named one that is
+    not in masters): the leader a standby named if it is one of ours, else the next master if
+    `hop.rotate`, else the same one. Never an endpoint the operator did not give. `avoid`: a
+    master just left for its silence: a standby naming it (its lease has not run out yet) is
+    tried again instead, since it is about to take over."""
+    if hop.to is not None:
+        try:
+            target = endpoint(hop.to)
+        except EndpointError:
+            return current, False
+        if target == avoid:
+            return current, True
+        return (masters.index(target), True) if target in masters else (current, False)
+    if hop.rotate:
+        return (current + 1) % len(masters), True
+    return current, True
 
 
 def identity(cfg: AgentConfig, host: Host) -> Identity:
@@ -84,6 +104,9 @@ class Agent:
         self.metrics_server: Any = None
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
+        self._ep = 0  # index of the master endpoint in use (cfg.masters)
+        self._unlisted: set[str] = set()  # leader endpoints named that are not ours (logged)
+        self._silent: tuple[str, float] = ("", 0.0)  # a master left for silence, until when
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(4, cfg.slots)),
                                         thread_name_prefix="prepare")
@@ -106,13 +129,46 @@ class Agent:
 
     # ---- connection -----------------------------------------------------------------------------
 
-    def _connect(self, now: float) -> None:
+    def _connect(self, now: float, hop: Reconnect | None = None) -> None:
         if self.sock is not None:
             self.sock.close(linger=0)
+        if hop is not None:
+            self._aim(hop)
         ident = f"{self.cfg.name}/{secrets.token_hex(4)}".encode()
-        self.sock = connect_dealer(self.ctx, self.cfg.master, ident, AGENT_MAX_MSG,
+        self.sock = connect_dealer(self.ctx, self.master, ident, AGENT_MAX_MSG,
                                    self.cfg.keys)
         self.core.connected(now)
+
+    @property
+    def master(self) -> str:
+        """The master endpoint this agent talks to now."""
+        return self.cfg.masters[self._ep]
+
+    def _aim(self, hop: Reconnect) -> None:
+        """Choose the endpoint of the next connection (pick_master) and say which and why."""
+        old = self.master
+        now = time.monotonic()
+        avoid = self._silent[0] if now < self._silent[1] else None
+        self._ep, listed = pick_master(self.cfg.masters, self._ep, hop, avoid)
+        if hop.rotate and hop.why.startswith("silent"):  # for two liveness windows
+            self._silent = (old, now + 2 * self.core.heartbeat_s * self.core.liveness)
+        why = f"master {old} {hop.why}" if hop.why else f"master {old}"
+        level = logging.DEBUG if hop.repeat else \
+            logging.WARNING if hop.why.startswith("silent") else logging.INFO
+        if not listed:
+            assert hop.to is not None
+            if hop.to not in self._unlisted:  # said once at warning level per endpoint
+                if len(self._unlisted) < 64:
+                    self._unlisted.add(hop.to)
+                level = logging.WARNING
+            log.log(level, "%s: the leader it names, %s, is not in --master (%s); trying %s "
+                    "again", why, hop.to[:200], ", ".join(self.cfg.masters), old)
+        elif hop.to is not None and self.master != old:
+            log.log(level, "%s: following the leader to %s", why, self.master)
+        elif self.master != old:
+            log.log(level, "%s; reconnecting: trying %s", why, self.master)
+        else:
+            log.log(level, "%s; reconnecting", why)
 
     def _flush(self, now: float) -> None:
         """Execute the core's actions, then send its messages (in the order it queued them)."""
@@ -120,16 +176,16 @@ class Agent:
             out, actions = self.core.take()
             if not out and not actions:
                 return
-            reconnect = False
+            reconnect: Reconnect | None = None
             for action in actions:
                 if isinstance(action, Reconnect):
-                    reconnect = True  # after this batch's messages: they were for the old one
+                    reconnect = action  # after this batch's messages: they were for the old one
                 else:
                     self._act(action, now)
             for command, body in out:
                 self._send(command, body)
-            if reconnect:
-                self._connect(now)
+            if reconnect is not None:
+                self._connect(now, reconnect)
 
     def _send(self, command: str, body: dict[str, Any]) -> None:
         if self.sock is None:

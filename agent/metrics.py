@@ -50,6 +50,11 @@ class AgentMetrics:
         self.connects = Counter("ffrtmp_agent_connects_total",
                                 "Connections (HELLOs) to the master, reconnects included",
                                 registry=registry)
+        self.stale = Counter("ffrtmp_agent_stale_master_messages_total",
+                             "Messages of a deposed master (an epoch older than one seen), "
+                             "ignored, by command", ["command"], registry=registry)
+        for command in ("WELCOME", "JOB", "DONE_ACK", "CANCEL"):
+            self.stale.labels(command)
         self.turn_seconds = Histogram("ffrtmp_agent_loop_turn_seconds",
                                       "Duration of the agent loop's turns (its heartbeat waits "
                                       "at most this long)", buckets=TURN_BUCKETS,
@@ -77,6 +82,10 @@ class AgentMetrics:
     def connected(self) -> None:
         """A new connection to the master (first or reconnect)."""
         self.connects.inc()
+
+    def stale_message(self, command: str) -> None:
+        """A message of a deposed master was ignored."""
+        self.stale.labels(command).inc()
 
     def finished(self, status: str, reason: str | None, duration_s: float, bytes_in: int,
                  bytes_out: int) -> None:

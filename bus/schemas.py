@@ -55,14 +55,17 @@ AGENT_TO_MASTER: dict[str, Schema] = {
 }
 
 MASTER_TO_AGENT: dict[str, Schema] = {
+    # epoch: the leader's fencing token (docs/protocol.md "Masters"); 0 from a 1.1 master.
     "WELCOME": {
         "heartbeat_s": ("num", 1.0),
         "liveness": ("int", 3),
         "master": ("str", ""),
+        "epoch": ("int", 0),
     },
-    "JOB": {**_ID_ATTEMPT, "spec": ("map", REQUIRED)},
-    "DONE_ACK": {"acks": ("list", REQUIRED)},
-    "CANCEL": {**_ID_ATTEMPT, "grace_s": ("num", 30.0), "reason": ("str", "cancelled")},
+    "JOB": {**_ID_ATTEMPT, "spec": ("map", REQUIRED), "epoch": ("int", 0)},
+    "DONE_ACK": {"acks": ("list", REQUIRED), "epoch": ("int", 0)},
+    "CANCEL": {**_ID_ATTEMPT, "grace_s": ("num", 30.0), "reason": ("str", "cancelled"),
+               "epoch": ("int", 0)},
     "HEARTBEAT": {},
     "DRAIN": {"on": ("bool", True)},
     "BYE": {},

@@ -29,7 +29,8 @@ class Cluster:
     """One master plus named agents on random loopback ports."""
 
     def __init__(self, tmp: Path, db_url: str, heartbeat: float = 1.0, liveness: int = 3,
-                 master_args: list[str] | None = None, metrics: bool = False) -> None:
+                 master_args: list[str] | None = None, metrics: bool = False,
+                 masters: int = 1) -> None:
         self.tmp = tmp
         # metrics=True: the master and each agent serve /metrics on a port of their own.
         self.metrics_ports: dict[str, int] | None = {} if metrics else None
@@ -37,10 +38,14 @@ class Cluster:
         self.heartbeat = heartbeat
         self.liveness = liveness
         self.master_args = master_args or []
-        p_agents, p_clients, p_events = free_ports(3)
-        self.agents_ep = f"tcp://127.0.0.1:{p_agents}"
-        self.clients_ep = f"tcp://127.0.0.1:{p_clients}"
-        self.events_ep = f"tcp://127.0.0.1:{p_events}"
+        # masters > 1: each master has endpoints of its own (agents, clients, events); agents
+        # and `self.client` are given all of them (master failover, docs/OPERATIONS.md).
+        ports = free_ports(3 * masters)
+        self.master_eps: list[tuple[str, str, str]] = [
+            (f"tcp://127.0.0.1:{ports[i]}", f"tcp://127.0.0.1:{ports[i + 1]}",
+             f"tcp://127.0.0.1:{ports[i + 2]}") for i in range(0, 3 * masters, 3)]
+        self.agents_ep, self.clients_ep, self.events_ep = self.master_eps[0]
+        self.masters: list[subprocess.Popen[bytes] | None] = [None] * masters
         self.master: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self._client: Client | None = None
@@ -58,17 +63,39 @@ class Cluster:
                                     stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                     start_new_session=True)
 
-    def start_master(self, wait: bool = True) -> subprocess.Popen[bytes]:
-        """Start (or restart) the master and wait until it answers."""
-        self.master = self._spawn("master", [
-            "master", "--db", self.db_url, "--agents", self.agents_ep,
-            "--clients", self.clients_ep, "--events", self.events_ep,
-            "--metrics", self._metrics_arg("master"),
+    def start_master(self, wait: bool = True, index: int = 0) -> subprocess.Popen[bytes]:
+        """Start (or restart) master `index` and wait until it answers (as leader or standby);
+        its log label is "master" for the first, "master-N" for the others."""
+        label = "master" if index == 0 else f"master-{index}"
+        agents, clients, events = self.master_eps[index]
+        proc = self._spawn(label, [
+            "master", "--db", self.db_url, "--agents", agents,
+            "--clients", clients, "--events", events,
+            "--metrics", self._metrics_arg(label),
             "--heartbeat", str(self.heartbeat), "--liveness", str(self.liveness),
             *self.master_args])
+        self.masters[index] = proc
+        if index == 0:
+            self.master = proc
         if wait:
-            wait_for(self._answers, 20, message="master did not answer")
-        return self.master
+            wait_for(lambda: self._answers(clients), 20, message=f"{label} did not answer")
+        return proc
+
+    @property
+    def all_clients(self) -> str:
+        """Every master's client endpoint, comma-separated (what an HA client is given)."""
+        return ",".join(e[1] for e in self.master_eps)
+
+    def roles(self) -> list[str]:
+        """Each master's role from its STATS: "leader", "standby" or "down"."""
+        out = []
+        for _, clients, _ in self.master_eps:
+            try:
+                with Client(clients, timeout=0.5, keys=self.client_keys) as c:
+                    out.append(str(c.request("STATS")["stats"].get("role", "leader")))
+            except Exception:
+                out.append("down")
+        return out
 
     def _metrics_arg(self, label: str) -> str:
         if self.metrics_ports is None:
@@ -83,23 +110,25 @@ class Cluster:
         with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.read().decode()
 
-    def _answers(self) -> bool:
+    def _answers(self, clients: str | None = None, leading: bool = False) -> bool:
         try:
-            with Client(self.clients_ep, timeout=0.5, keys=self.client_keys) as c:
-                c.stats()
-            return True
+            with Client(clients or self.clients_ep, timeout=0.5, keys=self.client_keys) as c:
+                stats = c.request("STATS")["stats"]
+            return not leading or stats.get("role", "leader") == "leader"
         except Exception:
             return False
 
     def answers(self) -> bool:
-        """True if the master answers a STATS request within 0.5 s right now."""
-        return self._answers()
+        """True if the (first) master answers STATS within 0.5 s right now, as the leader (a
+        standby, e.g. one waiting for its database, answers STATS too)."""
+        return self._answers(leading=True)
 
     def start_agent(self, name: str, slots: int = 4, *extra: str,
                     wait: bool = True) -> subprocess.Popen[bytes]:
         """Start an agent and (by default) wait until the master lists it alive."""
         proc = self._spawn(f"agent-{name}", [
-            "agent", "--master", self.agents_ep, "--name", name, "--slots", str(slots),
+            "agent", "--master", ",".join(e[0] for e in self.master_eps), "--name", name,
+            "--slots", str(slots),
             "--work-dir", str(self.tmp / f"work-{name}"),
             # Stopping a test cluster should not wait for jobs (a test gives its own grace).
             "--stop-grace", "0",
@@ -114,7 +143,7 @@ class Cluster:
     def client(self) -> Client:
         """A client connected to this cluster's master."""
         if self._client is None:
-            self._client = Client(self.clients_ep, timeout=10, keys=self.client_keys)
+            self._client = Client(self.all_clients, timeout=10, keys=self.client_keys)
         return self._client
 
     def node(self, name: str) -> dict[str, Any] | None:
@@ -214,7 +243,7 @@ class Cluster:
         if self._client is not None:
             self._client.close()
             self._client = None
-        procs = [p for p in [self.master, *self.agents.values()] if p is not None]
+        procs = [p for p in [*self.masters, *self.agents.values()] if p is not None]
         for proc in procs:
             for sig in (signal.SIGCONT, signal.SIGTERM):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -228,6 +257,18 @@ class Cluster:
                 proc.wait(timeout=10)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the group, if any
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process's group, SIGKILL it if it is still there 10 s later; reaped."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def workload_children(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:

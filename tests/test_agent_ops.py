@@ -21,7 +21,7 @@ import zmq
 from bus.codec import decode, encode
 from bus.schemas import AGENT_TO_MASTER
 from conftest import free_port, wait_for
-from harness import ROOT, Cluster
+from harness import ROOT, Cluster, stop_group
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -35,17 +35,6 @@ def _spawn(args: list[str], log: Path, **env: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "ffrtmp", *args], stdout=out,
                                 stderr=subprocess.STDOUT, env=_env(**env), cwd=ROOT,
                                 start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _run(args: list[str], timeout: float = 30, **env: str) -> subprocess.CompletedProcess[str]:
@@ -160,7 +149,7 @@ def test_a_bad_job_ends_alone_and_the_agent_keeps_serving(
         assert agent.poll() is None
         assert not outside.exists()
     finally:
-        _stop(agent)
+        stop_group(agent)
 
 
 def test_a_tampered_spec_shape_is_answered_not_fatal(tmp_path: Path,
@@ -177,7 +166,7 @@ def test_a_tampered_spec_shape_is_answered_not_fatal(tmp_path: Path,
         fake_master.send("JOB", **_sleep_job(2))
         assert fake_master.wait("DONE", lambda b: b["id"] == 2)["status"] == "completed"
     finally:
-        _stop(agent)
+        stop_group(agent)
 
 
 # ---- graceful stop -----------------------------------------------------------------------------
@@ -225,7 +214,7 @@ def test_two_default_agents_on_one_host_both_run_jobs(cluster: Cluster, tmp_path
         assert (state / "ffrtmp" / "agents" / f"{host}-2").is_dir()
     finally:
         for p in procs:
-            _stop(p)
+            stop_group(p)
 
 
 def test_an_explicit_work_dir_in_use_is_refused_in_one_line(cluster: Cluster,
@@ -256,8 +245,8 @@ def test_endpoints_without_a_scheme_work_everywhere(tmp_path: Path) -> None:
 
         wait_for(listed, 30, interval=0.2, message="the agent registered over HOST:PORT")
     finally:
-        _stop(agent)
-        _stop(master)
+        stop_group(agent)
+        stop_group(master)
 
 
 @pytest.mark.parametrize("args", [
