@@ -23,8 +23,9 @@ from tui import cli as tui_cli
 
 ENVIRONMENT = """\
 environment:
-  FFRTMP_MASTER       client endpoint of the master (--master)
-  FFRTMP_EVENTS       events endpoint (--events-ep); default: the one the master announces
+  FFRTMP_MASTER       client endpoint(s) of the master(s), comma-separated (--master)
+  FFRTMP_EVENTS       events endpoint(s), comma-separated (--events-ep); default: the one the
+                      master announces
   FFRTMP_CLIENT_KEY   CURVE secret key file of this client (--client-key)
   FFRTMP_MASTER_KEY   the master's public key file (--master-key)
   FFRTMP_DB           database URL (master, db)
@@ -32,6 +33,9 @@ environment:
 
 Endpoints are tcp://HOST:PORT or HOST:PORT. Client options go before the subcommand:
   ffrtmp --master master-host:5556 jobs list
+Several masters on one PostgreSQL database (one leader, standbys): list them all; the client
+follows the leader, and resends a request that is safe to repeat when one does not answer:
+  ffrtmp --master host-a:5556,host-b:5556 submit noop --wait
 """
 
 
@@ -61,12 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The full command-line grammar."""
     parser = argparse.ArgumentParser(prog="ffrtmp", description="distributed FFmpeg jobs",
                                      epilog=ENVIRONMENT)
-    parser.add_argument("--master", dest="master_ep", default=None, metavar="ENDPOINT",
-                        help="client endpoint of the master (default: FFRTMP_MASTER or "
-                             f"{DEFAULT_CLIENTS})")
-    parser.add_argument("--events-ep", default=None, metavar="ENDPOINT",
-                        help="events endpoint (default: FFRTMP_EVENTS, else the one the master "
-                             "announces, on the host of --master)")
+    parser.add_argument("--master", dest="master_ep", default=None, metavar="ENDPOINT[,...]",
+                        help="client endpoint of the master; several masters (a leader and "
+                             "standbys) comma-separated: requests follow the leader (default: "
+                             f"FFRTMP_MASTER or {DEFAULT_CLIENTS})")
+    parser.add_argument("--events-ep", default=None, metavar="ENDPOINT[,...]",
+                        help="events endpoint, or several comma-separated, all subscribed "
+                             "(default: FFRTMP_EVENTS, else the one the master announces, on "
+                             "the host of --master)")
     parser.add_argument("--timeout", dest="request_timeout", type=float, default=10.0,
                         metavar="S", help="seconds to wait for each reply from the master")
     parser.add_argument("--client-key", default=os.environ.get("FFRTMP_CLIENT_KEY"),
@@ -97,13 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def endpoints(text: str, flag: str) -> list[str]:
+    """The endpoints of a comma-separated list, each checked as `endpoint` checks one (the
+    error names `flag`), each once, in order."""
+    return list(dict.fromkeys(endpoint(item, flag) for item in text.split(",")))
+
+
 def _run_client(args: argparse.Namespace) -> Any:
-    target = endpoint(args.master_ep or os.environ.get("FFRTMP_MASTER") or DEFAULT_CLIENTS,
-                      "FFRTMP_MASTER" if not args.master_ep and os.environ.get("FFRTMP_MASTER")
-                      else "--master")
+    target = endpoints(args.master_ep or os.environ.get("FFRTMP_MASTER") or DEFAULT_CLIENTS,
+                       "FFRTMP_MASTER" if not args.master_ep and os.environ.get("FFRTMP_MASTER")
+                       else "--master")
     events = args.events_ep or os.environ.get("FFRTMP_EVENTS")
-    if events:
-        args.events = endpoint(events, "--events-ep" if args.events_ep else "FFRTMP_EVENTS")
+    if events:  # several: one comma-separated str (bus.client.Subscriber connects to each)
+        args.events = ",".join(endpoints(events, "--events-ep" if args.events_ep
+                                         else "FFRTMP_EVENTS"))
     peer = None
     if args.client_key or args.master_public_key:
         if not (args.client_key and args.master_public_key):

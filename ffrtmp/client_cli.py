@@ -9,13 +9,15 @@ import shlex
 import shutil
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from bus.client import Client, EventFollower, advertised
+from bus.client import Client, EventFollower, NotLeader, advertised
 from bus.errors import ClientError
+from bus.security import PeerKeys
 from bus.vocab import COMPLETED, PRIORITIES, RUNNING, STATES, TERMINAL
 from ffrtmp import render
 
@@ -25,6 +27,7 @@ LIST_PAGE = 1_000  # jobs per LIST request (the master's most)
 MAX_COUNT = 100_000  # jobs per `submit --count`
 MAX_NAMED = 1_000_000  # ids one `jobs cancel` may name (ranges included)
 PROBE_S = 5.0  # a wait that heard nothing this long checks that the master still answers
+MASTER_PROBE_S = 1.0  # `nodes list`: how long each master's INFO is waited for
 SHOWN = 50  # finished jobs printed a line each; a wait on more prints a summary
 FAILURES_SHOWN = 20  # failed jobs listed under a summary
 NOT_DONE = ",".join(s for s in STATES if s in TERMINAL and s != COMPLETED)
@@ -166,9 +169,12 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     if args.wait:  # before submitting: the stream position the wait follows from
         events, head = follow_from(args, client)
     ids: list[int] = []
+    # Always a key: a SUBMIT resent to another master (a failover mid-call) then makes its
+    # jobs once. Without --idempotency-key, one of this invocation's own.
+    base = args.idempotency_key or uuid.uuid4().hex
     for start in range(0, args.count, SUBMIT_CHUNK):
         n = min(SUBMIT_CHUNK, args.count - start)
-        key = f"{args.idempotency_key}:{start}" if args.idempotency_key else None
+        key = f"{base}:{start}"
         try:
             ids += client.submit(_specs(spec, start, n), idempotency_key=key)
         except ClientError as e:
@@ -595,6 +601,25 @@ def cmd_jobs(args: argparse.Namespace, client: Client) -> int:
     return report([args.id], ended, {args.id: job}, as_json=args.json)
 
 
+def master_role(ep: str, keys: PeerKeys | None, timeout: float = MASTER_PROBE_S
+                ) -> dict[str, Any]:
+    """What one master endpoint says it is, from its INFO: {endpoint, role ("leader",
+    "standby", "unreachable" or the ERROR code it answered), epoch, leader, instance}."""
+    out: dict[str, Any] = {"endpoint": ep, "role": "unreachable", "epoch": None,
+                           "leader": None, "instance": None}
+    try:
+        with Client(ep, timeout=timeout, keys=keys) as one:
+            info = one.request("INFO")
+    except NotLeader as e:  # a standby: it names the leader it knows (or none)
+        leader = e.leader or {}
+        return {**out, "role": "standby", "epoch": leader.get("epoch", 0), "leader": e.leader}
+    except ClientError as e:
+        return out if e.code == "timeout" else {**out, "role": e.code}
+    role = str(info.get("role") or "leader")  # a 1.1 master has no role: it is the only one
+    return {**out, "role": role, "epoch": info.get("epoch", 0), "instance": info.get("master"),
+            "leader": info.get("leader")}
+
+
 def cmd_nodes(args: argparse.Namespace, client: Client) -> int:
     """nodes list|drain."""
     if args.nodes_cmd == "drain":
@@ -602,9 +627,15 @@ def cmd_nodes(args: argparse.Namespace, client: Client) -> int:
         print(f"agent {reply['name']}: {'draining' if reply['draining'] else 'accepting work'}")
         return 0
     nodes = client.nodes()
+    # With several masters, each one's role first (after NODES: a master that does not answer
+    # at all is one error line and nothing on stdout, as for every command).
+    masters = [master_role(ep, client.keys) for ep in client.endpoints] \
+        if len(client.endpoints) > 1 else []
     if args.json:
-        _print_json(nodes)
+        _print_json({"masters": masters, "nodes": nodes} if masters else nodes)
         return 0
+    for m in masters:
+        print(render.master_line(m))
     print(f"{'NAME':<20} {'STATE':<9} {'SLOTS':>5} {'BUSY':>4}  {'CGROUP':<6} {'LIMITS':<11} "
           "LAST SEEN")
     for n in nodes:
@@ -653,7 +684,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--count", type=int, default=1, metavar="N",
                    help=f"submit N copies (1..{MAX_COUNT}, sent {SUBMIT_CHUNK} per request)")
     p.add_argument("--idempotency-key", metavar="KEY",
-                   help="submitting again with the same key returns the same jobs")
+                   help="submitting again with the same key returns the same jobs (default: "
+                        "a random key per invocation, so a SUBMIT resent across a master "
+                        "failover makes its jobs once)")
     p.add_argument("--wait", action="store_true", help=WAIT_HELP)
     p.add_argument("--json", action="store_true", help=JSON_HELP)
     p.set_defaults(func=cmd_submit)
@@ -699,8 +732,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     n = sub.add_parser("nodes", help="list or drain agents")
     nsub = n.add_subparsers(dest="nodes_cmd", required=True)
-    nl = nsub.add_parser("list", help="every agent the master knows")
-    nl.add_argument("--json", action="store_true", help=JSON_HELP)
+    nl = nsub.add_parser("list", help="every agent the master knows",
+                         description="Every agent the master knows. With several --master "
+                                     "endpoints (FFRTMP_MASTER),\nfirst one line per master "
+                                     "from its INFO: leader and its epoch, standby and\nthe "
+                                     "leader it names, or unreachable.")
+    nl.add_argument("--json", action="store_true",
+                    help=JSON_HELP + "; with several masters an object {masters, nodes}")
     nd = nsub.add_parser("drain", help="stop dispatching to an agent (running jobs finish)")
     nd.add_argument("name", help="agent name")
     nd.add_argument("--undo", action="store_true", help="resume dispatching to the agent")

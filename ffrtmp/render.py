@@ -256,3 +256,16 @@ def fit_columns(rows: list[list[str]], headers: list[str], width: int,
             line = line[:max(1, width - 1)] + "…"
         lines.append(line)
     return lines
+
+
+def master_line(m: dict[str, Any]) -> str:
+    """`nodes list`: one master endpoint's role (ffrtmp.client_cli.master_role)."""
+    head = f"master {clean(str(m['endpoint']))}  "
+    if m["role"] == "leader":
+        return f"{head}leader  epoch {m.get('epoch') or 0}"
+    if m["role"] == "standby":
+        leader = m.get("leader") or {}
+        where = leader.get("clients") if isinstance(leader, dict) else None
+        return head + (f"standby (leader {clean(str(where))})" if where
+                       else "standby (no leader known)")
+    return head + clean(str(m["role"]))

@@ -203,6 +203,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
     return request.getfixturevalue("pg_url")
 
 
+@pytest.fixture
+def ctx():  # -> Iterator[zmq.Context]
+    """A ZeroMQ context for the test's own sockets, destroyed (closing them all) afterwards."""
+    import zmq
+
+    context = zmq.Context()
+    try:
+        yield context
+    finally:
+        context.destroy(linger=0)
+
+
 # --------------------------------------------------------------------------- a running master
 
 

@@ -111,15 +111,6 @@ def roles(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    try:
-        yield context
-    finally:
-        context.destroy(linger=0)
-
-
 class Server:
     """A ROUTER per domain, bound the way the master binds them, behind MasterSecurity."""
 

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, client: Client) -> int:
     from tui.app import run as run_app
 
     def make_client() -> Client:  # one per thread: ZeroMQ sockets are not shared
-        return Client(client.endpoint, timeout=min(client.timeout, FEED_TIMEOUT_S),
+        return Client(client.endpoints, timeout=min(client.timeout, FEED_TIMEOUT_S),
                       keys=client.keys)
 
-    return run_app(make_client, args.events, client.endpoint)
+    return run_app(make_client, args.events, ",".join(client.endpoints))

@@ -17,6 +17,7 @@ from typing import Any
 
 from bus.client import Client, EventFollower, Subscriber
 from bus.errors import ClientError
+from bus.sockets import EndpointError
 from bus.vocab import OPEN, RUNNING, TERMINAL
 from tui.model import Filter
 
@@ -89,6 +90,7 @@ class Feed(threading.Thread):
                     if self._stop.wait(self.refresh_s):
                         return
             side = Subscriber(["agent.", "stats"], self.events_ep, keys=client.keys)
+            side_for = client.endpoint  # the master whose events `side` receives
         except BaseException:
             client.close()
             raise
@@ -101,6 +103,8 @@ class Feed(threading.Thread):
                     self.poll_now.clear()
                     self._poll(client, side)
                     next_poll = time.monotonic() + self.refresh_s
+                    if client.endpoint != side_for:  # a failover: the new leader publishes
+                        side_for = self._follow_leader(client, side, side_for)
                 if follower is None:
                     follower = self._follow(client)
                     if follower is None:
@@ -116,6 +120,16 @@ class Feed(threading.Thread):
                 follower.close()
             side.close()
             client.close()
+
+    @staticmethod
+    def _follow_leader(client: Client, side: Subscriber, was: str) -> str:
+        """Also receive agent events and stats from the master the client moved to; returns
+        the endpoint they come from now (unchanged if that master does not answer yet)."""
+        try:
+            side.connect(client.events_endpoint())
+        except (ClientError, EndpointError):
+            return was
+        return client.endpoint
 
     def _follow(self, client: Client) -> EventFollower | None:
         assert self.events_ep is not None  # resolved before the loop
