@@ -10,7 +10,7 @@ import msgpack
 from bus.errors import ProtocolError
 from bus.schemas import REQUIRED, Schema
 
-PROTOCOL_VERSION = (1, 1)  # docs/protocol.md "Changes in 1.1"
+PROTOCOL_VERSION = (1, 2)  # docs/protocol.md "Changes in 1.2"
 SIGNATURE = b"FFR"
 HEADER = SIGNATURE + bytes(PROTOCOL_VERSION)
 MAX_COMMAND_LEN = 16

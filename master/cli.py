@@ -10,6 +10,7 @@ from bus.scenarios import ScenarioError
 from bus.security import KeyMaterialError
 from bus.sockets import DEFAULT_AGENTS, DEFAULT_CLIENTS, DEFAULT_EVENTS, BindError
 from master.config import MasterConfig
+from master.leader import LeaderConflict
 from master.scenarios import load_presets, make_checks
 from master.server import Master
 from master.sla import SlaPolicy
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         master = Master(cfg, scenarios=scenarios)
         master.bind()
-    except (BindError, KeyMaterialError) as e:
+    except (BindError, KeyMaterialError, LeaderConflict) as e:
         raise SystemExit(f"ffrtmp master: {e}") from e
     master.install_signals()
     master.run()

@@ -44,12 +44,13 @@ class MasterCore:
 
     def __init__(
         self, cfg: MasterConfig, next_id: int, metrics: MasterMetrics, rng: random.Random,
-        next_seq: int = 1,
+        next_seq: int = 1, instance: str | None = None, epoch: int = 0,
     ) -> None:
         self.cfg = cfg
         self.metrics = metrics
-        self.out = Outbox()
-        self.instance = secrets.token_hex(8)  # this master process (WELCOME, INFO)
+        self.epoch = epoch  # this leader's fencing token (master/leader.py)
+        self.out = Outbox(epoch)
+        self.instance = instance or secrets.token_hex(8)  # this master process (WELCOME, INFO)
         self.jobs = LiveJobs(cfg, next_id, self.out, metrics, rng, metrics.sla, next_seq)
         self.agents = AgentRegistry(cfg, self.out, metrics, self.instance)
         self.jobs.on_release = self.agents.release
@@ -306,6 +307,8 @@ class MasterCore:
             "sla": {**self.metrics.sla_counts, "target": self.metrics.sla.target,
                     "done_s": self.metrics.sla.done_s, "wait_s": self.metrics.sla.wait_s},
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "role": "leader",
+            "epoch": self.epoch,
         }
 
 

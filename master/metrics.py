@@ -124,7 +124,7 @@ class MasterMetrics:
         self.bad_frames = counter("ffrtmp_bus_bad_frames_total", "Malformed frames received",
                                   ["socket", "reason"])
         self.db_errors = counter("ffrtmp_db_errors_total", "Failed commits or reads", ["op"])
-        for op in ("commit", "read", "retention"):  # exported at 0, so increase() sees the first
+        for op in ("commit", "read", "retention", "open", "fenced"):  # exported at 0: increase()
             self.db_errors.labels(op)
         self.client_errors = counter("ffrtmp_client_errors_total", "ERROR replies to clients",
                                      ["code"])
@@ -145,6 +145,9 @@ class MasterMetrics:
         self.maintenance = counter("ffrtmp_db_maintenance_total",
                                    "Scheduled database maintenance runs by operation and result",
                                    ["op", "result"])
+        self.leadership = counter("ffrtmp_master_leadership_changes_total",
+                                  "Times this master became leader or stood down, and why",
+                                  ["to", "why"])
         self.commit_seconds = Histogram("ffrtmp_db_commit_seconds",
                                         "Duration of one group commit", buckets=COMMIT_BUCKETS,
                                         registry=registry)
@@ -218,11 +221,14 @@ class MasterMetrics:
 
     def watch(self, snapshot: Callable[[], dict[str, Any]],
               nodes: Callable[[], list[dict[str, Any]]] | None = None) -> None:
-        """Register the state gauges, fed by snapshot() (and nodes()) at each refresh()."""
+        """Register the state gauges, fed by snapshot() (and nodes()) at each refresh(); a later
+        call only changes what feeds them."""
+        first = self._snapshot is None
         self._snapshot = snapshot
         self._nodes = nodes or list
         self.refresh()
-        self.registry.register(_StateCollector(self))
+        if first:
+            self.registry.register(_StateCollector(self))
 
     def refresh(self) -> dict[str, Any]:
         """Take the snapshot now (from the loop thread) for the next scrapes; returns it."""
@@ -259,6 +265,12 @@ class _StateCollector(Collector):
                                 "Seconds since the master loop last refreshed these gauges "
                                 "(about the stats interval when healthy)",
                                 value=max(0.0, time.monotonic() - taken))
+        yield GaugeMetricFamily("ffrtmp_master_leader",
+                                "1 while this master leads, 0 while it stands by",
+                                value=1 if snap.get("role") == "leader" else 0)
+        yield GaugeMetricFamily("ffrtmp_master_epoch",
+                                "The epoch (fencing token) this master leads with, or of the "
+                                "leader it knows", value=snap.get("epoch", 0))
         yield GaugeMetricFamily("ffrtmp_master_uptime_seconds", "Seconds since the master started",
                                 value=snap.get("uptime_s", 0.0))
         sla = self._m.sla

@@ -17,19 +17,25 @@ Outgoing = tuple[str, bytes, list[bytes]]  # (socket kind, peer identity, frames
 # holds at most ~2 000 x 100 events of ~120 bytes at the master.
 EVENTS_PER_MESSAGE = 100
 EVENTS_TOPIC = b"events"
+# Master -> agent messages that carry the epoch: an agent ignores them from an older leader.
+STAMPED = frozenset({"WELCOME", "JOB", "DONE_ACK", "CANCEL"})
 
 
 class Outbox:
     """The turn's writes, messages and events; `take()` hands them over and starts a new turn."""
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch  # stamped on the messages agents fence by (STAMPED)
         self.batch = WriteBatch()
         self.messages: list[Outgoing] = []
         self.events: list[list[bytes]] = []
         self.log: list[dict[str, Any]] = []  # the turn's job events, in seq order
 
     def send(self, kind: str, ident: bytes, command: str, body: dict[str, Any]) -> None:
-        """Queue a message to one peer (AGENT or CLIENT) for after the commit."""
+        """Queue a message to one peer (AGENT or CLIENT) for after the commit; the ones agents
+        fence by carry this leader's epoch."""
+        if command in STAMPED and kind == AGENT:
+            body["epoch"] = self.epoch
         self.messages.append((kind, ident, encode(command, body)))
 
     def send_frames(self, kind: str, ident: bytes, frames: list[bytes]) -> None:

@@ -31,7 +31,7 @@ MAX_NODES = 1000
 MAX_LIST = 1000
 MAX_EVENTS = 10_000  # events per EVENTS reply
 MAX_EVENT_IDS = 500  # jobs an EVENTS may filter by: one indexed query (more: read the stream)
-PROTOCOL = "1.1"
+PROTOCOL = "1.2"
 INT64 = range(-(2**63), 2**63)  # what the database can compare ids with (msgpack goes to 2^64-1)
 
 
@@ -44,8 +44,10 @@ class Requests:
 
     def __init__(self, core: MasterCore, store: Store,
                  scenarios: dict[str, ScenarioCheck] | None = None,
-                 max_reply: int = CLIENT_MAX_MSG) -> None:
+                 max_reply: int = CLIENT_MAX_MSG, leader: dict[str, Any] | None = None) -> None:
         self.core = core
+        # This master as standbys name it ({agents, clients, events, epoch, instance}).
+        self.leader = leader
         self.store = store
         self.scenarios = scenarios or {}
         self.max_reply = max_reply
@@ -219,7 +221,7 @@ class Requests:
         cfg = self.core.cfg
         return "REPLY", {
             "version": PROTOCOL, "master": self.core.instance, "events": cfg.events,
-            "head": self.head,
+            "head": self.head, "role": "leader", "epoch": self.core.epoch, "leader": self.leader,
             "limits": {"specs": MAX_SPECS, "ids": MAX_IDS, "events": MAX_EVENTS,
                        "event_ids": MAX_EVENT_IDS,
                        "list": MAX_LIST, "nodes": MAX_NODES, "message_bytes": self.max_reply,
@@ -265,6 +267,7 @@ class Requests:
 
     def _stats(self, msg: Message, now: float, wall: float) -> tuple[str, dict[str, Any]]:
         stats = self.core.snapshot()
+        stats["leader"] = self.leader
         stats["jobs_by_state"] = self.store.counts_by_state()
         return "REPLY", {"stats": stats}
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import random
+import secrets
 import signal
 import threading
 import time
@@ -29,14 +31,15 @@ from bus.sockets import (
 )
 from master.config import MasterConfig
 from master.core import MasterCore
+from master.leader import Endpoints, make_leader, tagged_url
 from master.metrics import MasterMetrics
 from master.outbox import AGENT, CLIENT
-from master.requests import Requests
+from master.requests import PROTOCOL, Requests
 from master.retention import Maintenance, Retention
 from master.scenarios import load_presets, make_checks
 from master.sla import SlaPolicy
 from master.spec import ScenarioCheck
-from storage import StorageError, Store
+from storage import Fenced, StorageError, Store, backend_for
 
 log = logging.getLogger("ffrtmp.master")
 TICK_S = 0.05
@@ -112,6 +115,16 @@ def _refs(body: dict[str, Any], command: str | None, rid: Any) -> dict[str, Any]
     return body
 
 
+# Why a leader stood down, as the `why` label of ffrtmp_master_leadership_changes_total.
+_WHY = (("commit refused", "fenced"), ("newer epoch", "newer_epoch"),
+        ("no lease renewal", "lease_expired"), ("lock connection", "lock_lost"),
+        ("start failed", "start_failed"))
+
+
+def _why_label(why: str) -> str:
+    return next((label for key, label in _WHY if key in why), "other")
+
+
 def _send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
     """send_multipart(frames, NOBLOCK) without the per-frame flag arithmetic.
 
@@ -123,8 +136,18 @@ def _send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
         sock.send(frame, _LAST if i == last else _MORE)
 
 
+class StepDown(Exception):
+    """Leadership is gone: the term ends at once and nothing of its turn is sent."""
+
+
 class Master:
-    """Owns the store, the sockets and the loop; `run()` blocks until `stop()`."""
+    """Owns the sockets and the loop; leads or stands by; `run()` blocks until `stop()`.
+
+    A leader term (`_lead`) builds the core from the store exactly as a restart does and serves
+    until stopped or until leadership is lost (master/leader.py); then the process stands by
+    (`_standby`): it changes nothing, answers agents and clients `not_leader`, and tries to lead
+    again. SQLite has one master per file, so there a term lasts the process's lifetime.
+    """
 
     def __init__(self, cfg: MasterConfig, registry: CollectorRegistry | None = None,
                  scenarios: dict[str, ScenarioCheck] | None = None) -> None:
@@ -132,18 +155,34 @@ class Master:
         self.registry = registry or CollectorRegistry()
         if scenarios is None:
             scenarios = make_checks(load_presets(None))
+        self.scenarios = scenarios
         self.metrics = MasterMetrics(self.registry, scenarios,
                                      SlaPolicy(cfg.sla_done_s, cfg.sla_wait_s, cfg.sla_target))
-        self.store = Store(cfg.db_url)
-        self.core = MasterCore(cfg, self.store.max_job_id() + 1, self.metrics, random.Random(),
-                               self.store.max_event_seq() + 1)
-        self.requests = Requests(self.core, self.store, scenarios)
-        self.core.agents.probe = self._probe
-        self.metrics.watch(self.core.snapshot, self._nodes)
-        self.retention = Retention(self.store, self.metrics, cfg.retention_days,
-                                   cfg.retention_interval_s, cfg.retention_batch,
-                                   agent_retention_s=cfg.agent_retention_s)
-        self.maintenance = Maintenance(cfg.db_url, self.metrics, cfg.maintenance_interval_s)
+        self.instance = secrets.token_hex(8)  # this master process (WELCOME, INFO)
+        self.started = time.monotonic()
+        self.endpoints = Endpoints(cfg.agents, cfg.clients, cfg.events)
+        self.kind = backend_for(cfg.db_url)
+        # Every connection of this process is tagged with its instance (leader.tagged_url).
+        self.db_url = tagged_url(cfg.db_url, self.instance)
+        self.store: Store | None = None
+        if not self.kind.servers:  # a file that cannot be opened is a mistake to show at once
+            self.store = Store(self.db_url)
+        try:
+            self.leader = make_leader(cfg.db_url, self.instance, self.endpoints,
+                                      cfg.dead_after_s)  # SQLite: LeaderConflict
+        except BaseException:
+            if self.store is not None:
+                self.store.close()
+            raise
+        self.epoch = 0  # while leading
+        self.leading = False
+        # Per term (set by _start_term):
+        self.core: MasterCore
+        self.requests: Requests
+        self.retention: Retention
+        self.maintenance: Maintenance
+        self.metrics.watch(self._snapshot, self._nodes)
+        self._db_down_logged = False
         self._stop = threading.Event()
         self.ctx = zmq.Context()
         self.agents: zmq.Socket | None = None
@@ -209,51 +248,222 @@ class Master:
             self.security.stop()
             self.security = None
         self.ctx.term()
-        self.store.close()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self.leader.close()
 
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Recover, then serve until stopped; says BYE to agents on the way out."""
+        """Stand by until leading, lead until stopped or deposed, and so on; says BYE to its
+        agents on the way out."""
         if self.agents is None:
             self.bind()
+        try:
+            while not self._stop.is_set():
+                epoch = self._standby()
+                if epoch is None:
+                    break
+                self._lead(epoch)
+        finally:
+            self.close()
+
+    # ---- standing by ------------------------------------------------------------------------
+
+    def _open_store(self) -> Store | None:
+        """The store, opened (and migrated) if it can be now; None while the database is down."""
+        if self.store is None:
+            try:
+                self.store = Store(self.db_url)
+                self._db_down_logged = False
+                log.info("database %s reachable", self.store.url)
+            except StorageError as e:
+                if not self._db_down_logged:
+                    log.error("standing by: %s; retrying", e)
+                    self._db_down_logged = True
+                self.metrics.db_errors.labels("open").inc()
+                return None
+        return self.store
+
+    def _standby(self) -> int | None:
+        """Serve as a standby until this process leads (its epoch) or is stopped (None)."""
         assert self.agents is not None and self.clients is not None
+        poller = zmq.Poller()
+        poller.register(self.agents, zmq.POLLIN)
+        poller.register(self.clients, zmq.POLLIN)
+        interval = min(0.5, self.cfg.dead_after_s / 4)
+        next_try = next_stats = time.monotonic()
+        said = False
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_try:
+                next_try = now + interval
+                store = self._open_store()
+                if store is not None:
+                    epoch = self.leader.try_lead(store)
+                    if epoch is not None:
+                        return epoch
+                    if not said:
+                        known = self.leader.known()
+                        log.info("standing by: the leader is %s",
+                                 f"{known['clients']} (epoch {known['epoch']})" if known
+                                 else "not known yet")
+                        said = True
+            if now >= next_stats:
+                self.metrics.refresh()
+                next_stats = now + self.cfg.stats_interval_s
+            ready = dict(poller.poll(int(max(0.0, min(next_try, next_stats) - now) * 1000) + 1))
+            if self.agents in ready:
+                for ident, msg, _ in self._incoming(self.agents, AGENT, AGENT_MAX_MSG,
+                                                    self.cfg.max_messages_per_turn):
+                    if msg.command not in ("BYE", "ERROR"):
+                        self._send_now(self.agents, ident, "ERROR", self._not_leader(None, None))
+            if self.clients in ready:
+                self._standby_clients()
+        return None
+
+    def _standby_clients(self) -> None:
+        """A standby answers STATS with its role and every other request not_leader (or
+        unavailable while it cannot reach the database either)."""
+        assert self.clients is not None
+        for ident, msg, _ in self._incoming(self.clients, CLIENT, CLIENT_MAX_MSG,
+                                            self.cfg.client_turn_messages):
+            rid = echo_rid(msg.get("rid"))
+            if msg.command == "STATS":
+                self._send_now(self.clients, ident, "REPLY",
+                               {"stats": self._standby_view(), "rid": rid})
+            elif self.store is None:
+                self.metrics.client_errors.labels("unavailable").inc()
+                self._send_now(self.clients, ident, "ERROR", _refs(
+                    {"code": "unavailable", "text": "database unavailable: this master stands "
+                     "by until it can reach it; request not applied"}, msg.command, rid))
+            else:
+                self.metrics.client_errors.labels("not_leader").inc()
+                self._send_now(self.clients, ident, "ERROR",
+                               self._not_leader(msg.command, rid))
+
+    def _not_leader(self, command: str | None, rid: Any) -> dict[str, Any]:
+        known = self.leader.known()
+        where = f"the leader is at {known['clients']}" if known else "no leader is known yet"
+        return _refs({"code": "not_leader", "leader": known,
+                      "text": f"this master is a standby; {where}: request not applied"},
+                     command, rid)
+
+    def _standby_view(self) -> dict[str, Any]:
+        known = self.leader.known()
+        return {"role": "standby", "epoch": known["epoch"] if known else 0, "leader": known,
+                "instance": self.instance, "version": PROTOCOL,
+                "uptime_s": round(time.monotonic() - self.started, 3)}
+
+    def _send_now(self, sock: zmq.Socket, ident: bytes, command: str,
+                  body: dict[str, Any]) -> None:
+        with contextlib.suppress(zmq.ZMQError):  # a gone or slow peer: nothing to keep
+            _send_frames(sock, [ident, *encode(command, body)])
+
+    def _snapshot(self) -> dict[str, Any]:
+        if self.leading:
+            return self.core.snapshot()
+        return {"queued_by_priority": {}, "delayed": 0, "live_by_state": {}, "agents": 0,
+                "slots": 0, "slots_busy": 0, **self._standby_view()}
+
+    # ---- leading ----------------------------------------------------------------------------
+
+    def _start_term(self, epoch: int) -> None:
+        """Build live state from the store exactly as a restart does, fenced by `epoch`."""
+        cfg, store = self.cfg, self.store
+        assert store is not None
+        store.fence(epoch)
+        self.core = MasterCore(cfg, store.max_job_id() + 1, self.metrics, random.Random(),
+                               store.max_event_seq() + 1, instance=self.instance, epoch=epoch)
+        self.requests = Requests(self.core, store, self.scenarios,
+                                 leader={**self._me(), "epoch": epoch})
+        self.core.agents.probe = self._probe
+        self.retention = Retention(store, self.metrics, cfg.retention_days,
+                                   cfg.retention_interval_s, cfg.retention_batch,
+                                   agent_retention_s=cfg.agent_retention_s)
+        self.maintenance = Maintenance(self.db_url, self.metrics, cfg.maintenance_interval_s)
         now, wall = time.monotonic(), time.time()
-        self.core.recover(self.store.load_unfinished(), self.store.list_agents(), now, wall)
-        log.info("master up: %d unfinished jobs recovered; agents %s, clients %s, events %s",
-                 len(self.core.jobs), self.cfg.agents, self.cfg.clients, self.cfg.events)
+        self.core.recover(store.load_unfinished(), store.list_agents(), now, wall)
+        self.epoch, self.leading = epoch, True
+        self._unreachable.clear()  # the last term's connections
+        self.metrics.leadership.labels("leader", "elected").inc()
+        log.info("master leads (epoch %d): %d unfinished jobs recovered; agents %s, clients %s, "
+                 "events %s", epoch, len(self.core.jobs), cfg.agents, cfg.clients, cfg.events)
+
+    def _me(self) -> dict[str, Any]:
+        e = self.endpoints
+        return {"agents": e.agents, "clients": e.clients, "events": e.events,
+                "instance": self.instance}
+
+    def _lead(self, epoch: int) -> None:
+        """One leader term: serve until stopped (BYE to agents) or deposed (stand by)."""
+        try:
+            self._start_term(epoch)
+        except StorageError as e:
+            log.error("cannot lead: %s; standing by", e)
+            self._end_term("start failed")
+            return
+        why = "stopped"
+        try:
+            self._serve()
+        except StepDown as e:
+            why = str(e)
+            log.error("no longer the leader (epoch %d): %s; standing by", epoch, why)
+        finally:
+            self._goodbye()
+            self._end_term(why)
+
+    def _end_term(self, why: str) -> None:
+        if self.leading:
+            self.maintenance.stop()
+        self.leading = False
+        self.leader.step_down()
+        if self.store is not None:
+            self.store.fence(None)
+            if self.kind.servers:  # a fresh connection for the next try: this one may be dead
+                self.store.close()
+                self.store = None
+        self.epoch = 0
+        if why != "stopped":
+            self.metrics.leadership.labels("standby", _why_label(why)).inc()
+
+    def _serve(self) -> None:
+        assert self.agents is not None and self.clients is not None
+        now = time.monotonic()
         poller = zmq.Poller()
         poller.register(self.agents, zmq.POLLIN)
         poller.register(self.clients, zmq.POLLIN)
         next_flush = next_stats = now
         self.maintenance.start()
-        try:
-            while not self._stop.is_set():
-                ready = dict(poller.poll(int(self._timeout(time.monotonic()) * 1000)))
-                now, wall = time.monotonic(), time.time()
-                if self.agents in ready:
-                    self._serve_agents(now, wall)
-                self._drop_unreachable(now, wall)
-                if self.clients in ready:
-                    self._serve_clients(now, wall)
-                self.core.tick(now, wall)
-                if now >= next_flush:
-                    self.core.flush_progress(wall)
-                    next_flush = now + self.cfg.progress_flush_s
-                if now >= next_stats:
-                    self.core.out.publish("stats", "STATS", self.metrics.refresh())
-                    next_stats = now + self.cfg.stats_interval_s
-                self.core.dispatch(now, wall)
-                self.core.flush_acks()
-                self.retention.tick(now, wall, self.core.out.batch)
-                self._commit_and_send()
-        finally:
-            self.maintenance.stop()
-            self._goodbye()
-            self.close()
+        while not self._stop.is_set():
+            if self.leader.lost:
+                raise StepDown(self.leader_why())
+            ready = dict(poller.poll(int(self._timeout(time.monotonic()) * 1000)))
+            now, wall = time.monotonic(), time.time()
+            if self.agents in ready:
+                self._serve_agents(now, wall)
+            self._drop_unreachable(now, wall)
+            if self.clients in ready:
+                self._serve_clients(now, wall)
+            self.core.tick(now, wall)
+            if now >= next_flush:
+                self.core.flush_progress(wall)
+                next_flush = now + self.cfg.progress_flush_s
+            if now >= next_stats:
+                self.core.out.publish("stats", "STATS", self.metrics.refresh())
+                next_stats = now + self.cfg.stats_interval_s
+            self.core.dispatch(now, wall)
+            self.core.flush_acks()
+            self.retention.tick(now, wall, self.core.out.batch)
+            self._commit_and_send()
+
+    def leader_why(self) -> str:
+        """Why leadership was lost, as the leadership backend says."""
+        return self.leader.why or "leadership lost"
 
     def _nodes(self) -> list[dict[str, Any]]:
-        return self.core.agents.views(time.monotonic())
+        return self.core.agents.views(time.monotonic()) if self.leading else []
 
     def _timeout(self, now: float) -> float:
         due = self.core.jobs.sched.next_due()
@@ -288,7 +498,7 @@ class Master:
                 body: dict[str, Any] = {"code": "too_large", "text": (
                     f"message of {e.frames} frames and {e.size} bytes: at most 3 frames and "
                     f"{max_msg} bytes in all")}
-                self.core.out.send(kind, e.ident, "ERROR", _refs(body, *peek(e.kept[1:])))
+                self._error(kind, e.ident, _refs(body, *peek(e.kept[1:])))
 
     def _decode(self, kind: str, ident: bytes, rest: list[bytes]) -> Any:
         """The decoded message, or None after answering ERROR for a bad one."""
@@ -298,7 +508,7 @@ class Master:
             self.metrics.bad_frames.labels(kind, e.code).inc()
             log.debug("bad frame from %s %r: %s", kind, ident, e)
             body = _refs({"code": e.code, "text": e.text}, e.command, e.rid)
-            self.core.out.send(kind, ident, "ERROR", body)
+            self._error(kind, ident, body)
             return None
 
     def _incoming(self, sock: zmq.Socket, kind: str, max_msg: int, most: int,
@@ -317,6 +527,16 @@ class Master:
                 yield ident, msg, user
         if received:  # one counter update per drain: labels() per message costs ~3 µs
             self.metrics.messages.labels(kind, "in").inc(received)
+
+    def _error(self, kind: str, ident: bytes, body: dict[str, Any]) -> None:
+        """An ERROR about a message that could not be served: after the turn's commit while
+        leading (persist, then act), at once while standing by (a standby has no turn)."""
+        if self.leading:
+            self.core.out.send(kind, ident, "ERROR", body)
+        else:
+            sock = self.agents if kind == AGENT else self.clients
+            assert sock is not None
+            self._send_now(sock, ident, "ERROR", body)
 
     def _unidentified(self, kind: str, ident: bytes, msg: Any) -> None:
         """With keys, a message whose key names no peer of this socket is refused (fail closed)."""
@@ -417,13 +637,19 @@ class Master:
         delay = 0.05
         while True:
             started = time.perf_counter()
+            assert self.store is not None
             try:
                 self.store.apply(batch)
                 self.metrics.commit_seconds.observe(time.perf_counter() - started)
                 return
+            except Fenced as e:
+                self.metrics.db_errors.labels("fenced").inc()
+                raise StepDown(str(e)) from e
             except StorageError as e:
                 self.metrics.db_errors.labels("commit").inc()
                 log.error("commit failed (%s); holding %d writes and retrying", e, len(batch))
+            if self.leader.lost:  # a standby may lead by now: this turn is not ours to write
+                raise StepDown(f"{self.leader_why()} while the database was failing")
             self._refuse_clients_for(delay)
             if self._stop.is_set():
                 raise SystemExit("stopped while the database was down; uncommitted turn dropped")
@@ -456,7 +682,8 @@ class Master:
                 pass
 
     def _goodbye(self) -> None:
-        if self.agents is None:
+        """BYE to every agent of the term: they move on (to the next master, if any)."""
+        if self.agents is None or not self.leading:
             return
         for conn in self.core.agents:
             try:

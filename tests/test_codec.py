@@ -114,8 +114,8 @@ def code_of(frames: list[bytes], schemas: dict[str, Schema], **kw: Any) -> str:
 
 
 def test_header_and_constants() -> None:
-    assert HEADER == b"FFR\x01\x01"
-    assert PROTOCOL_VERSION == (1, 1)
+    assert HEADER == b"FFR\x01\x02"
+    assert PROTOCOL_VERSION == (1, 2)
     assert MAX_COMMAND_LEN == 16
     assert MAX_DEPTH == 32
     assert DEFAULT_MAX_BODY == 8 * 1024 * 1024
@@ -191,7 +191,7 @@ def test_defaults_are_fresh_per_message() -> None:
 
 def test_documented_defaults() -> None:
     welcome = decode(encode("WELCOME"), MASTER_TO_AGENT)
-    assert welcome.body == {"heartbeat_s": 1.0, "liveness": 3, "master": ""}
+    assert welcome.body == {"heartbeat_s": 1.0, "liveness": 3, "master": "", "epoch": 0}
     listing = decode(encode("LIST", {"rid": 1}), CLIENT_TO_MASTER)
     assert listing.body == {"rid": 1, "states": None, "scenarios": None, "agent": None,
                             "since": None, "limit": 100, "before_id": None}

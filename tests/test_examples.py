@@ -13,6 +13,8 @@ import pytest
 from conftest import wait_for
 from harness import ROOT, Cluster
 
+pytestmark = pytest.mark.once  # plain pyzmq + msgpack clients: the full CI stage runs them
+
 EXAMPLES = ROOT / "examples"
 SCRIPTS = ("submit_and_follow.py", "list_and_cancel.py")
 CONTRACT = "contract_checks.py"  # the page's statements, checked one by one (issue 11)

@@ -20,7 +20,7 @@ from conftest import find_ffmpeg, free_port, require, wait_for
 from harness import Cluster
 from storage import Store
 
-pytestmark = pytest.mark.ffmpeg
+pytestmark = [pytest.mark.ffmpeg, pytest.mark.once]
 
 EXPECTED = {  # scenario -> (video codec or None, width, height, audio codec)
     "720p-h264": ("h264", 1280, 720, "aac"),

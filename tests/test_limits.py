@@ -24,7 +24,7 @@ from cgroup_check import checked_prefix, job_cgroups
 from conftest import wait_for
 from harness import TERMINAL, Cluster, ignores_sigterm
 
-pytestmark = [pytest.mark.cgroups, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.cgroups, pytest.mark.once, pytest.mark.timeout(120)]
 
 
 def ts(value: float | None) -> float:
