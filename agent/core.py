@@ -175,6 +175,7 @@ class AgentCore:
         self.leaving = False  # this connection's master is being left: nothing it says counts
         self.deposed = False  # a deposed leader welcomed us since the last WELCOME we accepted
         self._hop = Reconnect()  # where the reconnect goes once we leave (see _leave)
+        self._standby_since: float | None = None  # first not_leader since the last WELCOME
         self.disk_free_mb = float("inf")
         self.next_progress = 0.0
         self.completed = 0
@@ -320,6 +321,7 @@ class AgentCore:
         self.granted = 0
         self.backoff = 0.1
         self.backoff_max = self.timing.reconnect_max_s
+        self._standby_since = None
         self.heartbeat_s = float(msg["heartbeat_s"])
         self.liveness = int(msg["liveness"])
 
@@ -349,7 +351,14 @@ class AgentCore:
             self.refused = f"not_leader {to}"
             self.backoff_max = min(NOT_LEADER_MAX_S, self.timing.reconnect_max_s)
             self.backoff = min(self.backoff, self.backoff_max)
-            self._leave(Reconnect(to=to, why="not_leader", repeat=repeat), now)
+            # A standby that names no leader we can use for two liveness windows (it cannot
+            # reach the database, or names one not in our list): try the next master too.
+            if self._standby_since is None:
+                self._standby_since = now
+            stuck = now - self._standby_since > 2 * self.heartbeat_s * self.liveness
+            if stuck:
+                self._standby_since = now
+            self._leave(Reconnect(to=to, rotate=stuck, why="not_leader", repeat=repeat), now)
             return
         log.warning("master error %s: %s", code, msg["text"])
         if code == "unknown_agent":

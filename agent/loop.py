@@ -58,21 +58,20 @@ _HAVE_PIDFD = hasattr(os, "pidfd_open")  # Linux >= 5.3 with Python >= 3.9
 def pick_master(masters: tuple[str, ...], current: int, hop: Reconnect,
                 avoid: str | None = None) -> tuple[int, bool]:
     """(index in masters of the next connection's endpoint, False if `hop.to` named one that is
-    not in masters): the leader a standby named if it is one of ours, else the next master if
-    `hop.rotate`, else the same one. Never an endpoint the operator did not give. `avoid`: a
-    master just left for its silence: a standby naming it (its lease has not run out yet) is
-    tried again instead, since it is about to take over."""
+    not in masters): the leader a standby named if it is one of ours, else (not named, not ours,
+    or avoided) the next master if `hop.rotate`, else the same one. Never an endpoint the
+    operator did not give. `avoid`: a master just left for its silence: a standby naming it
+    (its lease has not run out yet) is not followed there, since it is about to take over."""
+    nxt = (current + 1) % len(masters) if hop.rotate else current
     if hop.to is not None:
         try:
             target = endpoint(hop.to)
         except EndpointError:
-            return current, False
+            return nxt, False
         if target == avoid:
-            return current, True
-        return (masters.index(target), True) if target in masters else (current, False)
-    if hop.rotate:
-        return (current + 1) % len(masters), True
-    return current, True
+            return nxt, True
+        return (masters.index(target), True) if target in masters else (nxt, False)
+    return nxt, True
 
 
 def identity(cfg: AgentConfig, host: Host) -> Identity:

@@ -187,6 +187,7 @@ class Client:
         hops = 0  # immediate not_leader redirects in this call (at most 2 per endpoint)
         silent: list[str] = []  # endpoints that did not answer a try, in order
         standbys: dict[str, NotLeader] = {}  # endpoints that answered not_leader, last answer
+        unavailable: dict[str, ClientError] = {}  # endpoints that answered unavailable
         while True:
             ep = self.endpoint
             left = deadline - time.monotonic()
@@ -207,6 +208,16 @@ class Client:
                 raise self._gave_up(command, safe, silent, standbys)
             if msg.command != "ERROR":
                 return msg.body
+            if msg["code"] == "unavailable" and many:
+                # Not applied (database down there, or a standby cut off from it): another
+                # master may lead; each endpoint is asked once before this is the answer.
+                unavailable[ep] = ClientError("unavailable", f"{ep}: {msg['text']}")
+                rest = [i for i, e in enumerate(self.endpoints)
+                        if e not in unavailable and e not in silent]
+                if not rest or deadline - time.monotonic() <= 0:
+                    raise unavailable[ep]
+                self._use(rest[0])
+                continue
             if msg["code"] != "not_leader":
                 raise ClientError(msg["code"], msg["text"])
             refusal = self._not_leader(ep, msg.body)

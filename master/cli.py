@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--agents", default=DEFAULT_AGENTS, help="endpoint agents connect to")
     p.add_argument("--clients", default=DEFAULT_CLIENTS, help="endpoint clients connect to")
     p.add_argument("--events", default=DEFAULT_EVENTS, help="PUB endpoint for events")
+    p.add_argument("--advertise", default=None, metavar="HOST",
+                   help="with standbys: the host agents and clients reach this master at, named "
+                        "in place of a wildcard bind host (default: this host's name)")
     p.add_argument("--metrics", default="127.0.0.1:9470",
                    help="HOST:PORT for /metrics, or 'off'")
     p.add_argument("--heartbeat", type=float, default=1.0, help="heartbeat interval, s")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the master until SIGTERM/SIGINT."""
     cfg = MasterConfig(
         db_url=args.db or os.environ.get("FFRTMP_DB") or default_db_url(),
-        agents=args.agents, clients=args.clients, events=args.events,
+        agents=args.agents, clients=args.clients, events=args.events, advertise=args.advertise,
         metrics=None if args.metrics in ("off", "", "none") else args.metrics,
         insecure=args.insecure, keys_dir=args.keys, heartbeat_s=args.heartbeat,
         liveness=args.liveness, assign_timeout_s=args.assign_timeout,

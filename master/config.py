@@ -16,6 +16,9 @@ class MasterConfig:
     clients: str = DEFAULT_CLIENTS
     events: str = DEFAULT_EVENTS
     metrics: str | None = "127.0.0.1:9470"  # HOST:PORT, or None for no HTTP endpoint
+    # The host others reach this master at, in place of a wildcard bind host (*, 0.0.0.0, ::)
+    # in the endpoints standbys name in not_leader; None: this host's name.
+    advertise: str | None = None
     insecure: bool = False
     keys_dir: str | None = None  # CURVE key directory (bus/security.py); None: no encryption
     heartbeat_s: float = 1.0

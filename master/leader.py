@@ -4,12 +4,14 @@ One master leads; the others stand by. What decides is the database the masters 
 protocol of our own:
 
 - PostgreSQL (`PgLeader`): a session-level advisory lock held on a dedicated autocommit
-  connection, plus a lease (the `leader` row's `renewed`, by the server's clock) that the leader
-  renews every `renew_s`. A new leader increments the row's `epoch`; every group commit checks it
-  inside its own transaction (storage.Store.apply), so a deposed leader cannot write. A standby
-  takes the lock as soon as it is free (the holder's connection closed: its process died, or its
-  backend was terminated); if the holder is there but has not renewed for `lease_s` (a paused
-  process, a partition), the standby terminates the holder's backends first.
+  connection, plus a lease (the `leader_lease` row's `renewed`, by the server's clock, and the
+  holder's own `lease_s`) that the leader renews every `renew_s`. A new leader takes a new
+  `epoch` in the `leader` row (above the last one and at least the server's clock in ms, so a
+  restored database never goes back); every group commit checks it inside its own transaction
+  (storage.Store.apply), so a deposed leader cannot write. A standby takes the lock as soon as it
+  is free (the holder's connection closed: its process died, or its backend was terminated); if
+  the holder is there but has not renewed for its `lease_s` (a paused process, a partition), the
+  standby terminates the holder's backends first.
 - SQLite (`FileLeader`): one master per file, by an exclusive `flock` on `<file>.lock` taken at
   start; a second master is refused with one line. It bumps the epoch too, so agents see the same
   fencing token on both backends.
@@ -25,6 +27,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+from bus.client import advertised
 from storage import Store
 from storage.backends import PG_CONNECT_TIMEOUT_S, backend_for, sqlite_path
 from storage.db import redact_url
@@ -56,6 +60,16 @@ class Endpoints:
     agents: str
     clients: str
     events: str
+
+
+def advertised_endpoints(agents: str, clients: str, events: str,
+                         host: str | None = None) -> Endpoints:
+    """The endpoints as a standby names them to agents and clients: a wildcard bind host (`*`,
+    0.0.0.0, ::) replaced by `host` (default: this host's name), so that the name matches the
+    endpoint agents and clients were given for this master."""
+    where = host or socket.gethostname()
+    used = f"tcp://[{where}]:1" if ":" in where else f"tcp://{where}:1"
+    return Endpoints(*(advertised(ep, used) for ep in (agents, clients, events)))
 
 
 def tagged_url(url: str, instance: str) -> str:
@@ -107,7 +121,8 @@ class FileLeader:
         path = sqlite_path(url)
         if path == ":memory:":
             return
-        lock = Path(path).expanduser()
+        # The resolved path: two names (a symlink, a relative path) for one file, one lock.
+        lock = Path(path).expanduser().resolve()
         lock = lock.with_name(lock.name + ".lock")
         try:
             lock.parent.mkdir(parents=True, exist_ok=True)
@@ -164,13 +179,19 @@ def _read_pid(fd: int) -> str:
 
 # ---- PostgreSQL -------------------------------------------------------------------------------
 
-_RENEW = ("UPDATE leader SET renewed = EXTRACT(EPOCH FROM clock_timestamp()) "
-          "WHERE id = 1 AND epoch = %s")
-_LEASE = ("SELECT epoch, instance, agents, clients, events, "
-          "EXTRACT(EPOCH FROM clock_timestamp()) - renewed FROM leader WHERE id = 1")
-_TAKE = ("UPDATE leader SET epoch = epoch + 1, instance = %s, agents = %s, clients = %s, "
-         "events = %s, since = EXTRACT(EPOCH FROM clock_timestamp()), "
-         "renewed = EXTRACT(EPOCH FROM clock_timestamp()) WHERE id = 1 RETURNING epoch")
+_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"  # the database server's clock, s
+# The lease has a table of its own: group commits hold the leader row FOR SHARE, and a renewal
+# must never wait behind a slow commit (it would time out and depose a healthy leader).
+_RENEW = f"UPDATE leader_lease SET renewed = {_NOW} WHERE id = 1 AND epoch = %s"
+_LEASE = (f"SELECT l.epoch, l.instance, l.agents, l.clients, l.events, {_NOW} - s.renewed, "
+          "s.lease_s FROM leader l, leader_lease s WHERE l.id = 1 AND s.id = 1")
+# A new epoch: above the last one and at least the server's clock in ms, so that a database
+# restored from a backup never hands out an epoch agents have already seen.
+_TAKE = (f"UPDATE leader SET epoch = GREATEST(epoch + 1, CAST({_NOW} * 1000 AS BIGINT)), "
+         f"instance = %s, agents = %s, clients = %s, events = %s, since = {_NOW} "
+         "WHERE id = 1 RETURNING epoch")
+_TAKE_LEASE = (f"UPDATE leader_lease SET epoch = %s, renewed = {_NOW}, lease_s = %s "
+               "WHERE id = 1")
 # Every backend of the stalled holder: its lock connection and its store's connections.
 _TERMINATE = (
     "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a "
@@ -252,10 +273,13 @@ class PgLeader:
                 e = self.endpoints
                 cur.execute(_TAKE, (self.instance, e.agents, e.clients, e.events))
                 row = cur.fetchone()
+                if row is not None:
+                    cur.execute(_TAKE_LEASE, (row[0], self.lease_s))
                 cur.execute("COMMIT")
             except psycopg2.Error as err:
                 log.warning("leadership: %s: %s", redact_url(self.url), one_line(err))
                 self._drop()  # a failed try leaves no lock behind: the session goes with it
+                self._known = None  # not known from here: the database did not answer
                 return None
             if row is None:
                 log.error("leadership: the leader row is missing (schema not migrated?)")
@@ -282,8 +306,9 @@ class PgLeader:
         if row is None or row[5] is None:
             self._known = None
             return
-        epoch, instance, agents, clients, events, age = row
-        fresh = float(age) <= self.lease_s
+        epoch, instance, agents, clients, events, age, lease_s = row
+        # The holder's own lease length (its heartbeat x liveness), not this process's.
+        fresh = float(age) <= (float(lease_s) or self.lease_s)
         self._known = ({"agents": agents, "clients": clients, "events": events,
                         "epoch": int(epoch), "instance": instance} if fresh else None)
         if not fresh and take_over:
@@ -343,6 +368,7 @@ class PgLeader:
             self._thread.join(timeout=2)
         self._thread = None
         self.epoch = 0
+        self._known = None  # no longer itself; the next try reads the lease
 
     def close(self) -> None:
         """Step down and close the connection."""

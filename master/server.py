@@ -31,7 +31,7 @@ from bus.sockets import (
 )
 from master.config import MasterConfig
 from master.core import MasterCore
-from master.leader import Endpoints, make_leader, tagged_url
+from master.leader import advertised_endpoints, make_leader, tagged_url
 from master.metrics import MasterMetrics
 from master.outbox import AGENT, CLIENT
 from master.requests import PROTOCOL, Requests
@@ -43,6 +43,7 @@ from storage import Fenced, StorageError, Store, backend_for
 
 log = logging.getLogger("ffrtmp.master")
 TICK_S = 0.05
+START_RETRY_S = 5.0  # after a leader term failed to start, stand by this long before a retry
 # Plain-int flags: pyzmq's send_multipart combines enum flags per frame, which costs more than
 # the send itself for our small messages (~5 µs against ~2 µs per 4-frame message).
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -160,20 +161,20 @@ class Master:
                                      SlaPolicy(cfg.sla_done_s, cfg.sla_wait_s, cfg.sla_target))
         self.instance = secrets.token_hex(8)  # this master process (WELCOME, INFO)
         self.started = time.monotonic()
-        self.endpoints = Endpoints(cfg.agents, cfg.clients, cfg.events)
+        self.endpoints = advertised_endpoints(cfg.agents, cfg.clients, cfg.events,
+                                              cfg.advertise)
         self.kind = backend_for(cfg.db_url)
         # Every connection of this process is tagged with its instance (leader.tagged_url).
         self.db_url = tagged_url(cfg.db_url, self.instance)
         self.store: Store | None = None
+        # First: on SQLite the file lock (LeaderConflict), before the store migrates anything.
+        self.leader = make_leader(cfg.db_url, self.instance, self.endpoints, cfg.dead_after_s)
         if not self.kind.servers:  # a file that cannot be opened is a mistake to show at once
-            self.store = Store(self.db_url)
-        try:
-            self.leader = make_leader(cfg.db_url, self.instance, self.endpoints,
-                                      cfg.dead_after_s)  # SQLite: LeaderConflict
-        except BaseException:
-            if self.store is not None:
-                self.store.close()
-            raise
+            try:
+                self.store = Store(self.db_url)
+            except BaseException:
+                self.leader.close()
+                raise
         self.epoch = 0  # while leading
         self.leading = False
         # Per term (set by _start_term):
@@ -183,6 +184,7 @@ class Master:
         self.maintenance: Maintenance
         self.metrics.watch(self._snapshot, self._nodes)
         self._db_down_logged = False
+        self._next_try = 0.0  # when a standby may next try to lead (after a failed start)
         self._stop = threading.Event()
         self.ctx = zmq.Context()
         self.agents: zmq.Socket | None = None
@@ -293,10 +295,13 @@ class Master:
         poller.register(self.agents, zmq.POLLIN)
         poller.register(self.clients, zmq.POLLIN)
         interval = min(0.5, self.cfg.dead_after_s / 4)
-        next_try = next_stats = time.monotonic()
+        next_stats = time.monotonic()
+        next_try = max(next_stats, self._next_try)
         said = False
         while not self._stop.is_set():
             now = time.monotonic()
+            if self._trim_due:
+                self._trim()
             if now >= next_try:
                 next_try = now + interval
                 store = self._open_store()
@@ -315,9 +320,12 @@ class Master:
                 next_stats = now + self.cfg.stats_interval_s
             ready = dict(poller.poll(int(max(0.0, min(next_try, next_stats) - now) * 1000) + 1))
             if self.agents in ready:
-                for ident, msg, _ in self._incoming(self.agents, AGENT, AGENT_MAX_MSG,
-                                                    self.cfg.max_messages_per_turn):
-                    if msg.command not in ("BYE", "ERROR"):
+                for ident, msg, user in self._incoming(self.agents, AGENT, AGENT_MAX_MSG,
+                                                       self.cfg.max_messages_per_turn):
+                    peer = parse_user_id(user) if user else None
+                    if self.security is not None and (peer is None or peer.role != "agent"):
+                        self._unidentified(AGENT, ident, msg)
+                    elif msg.command not in ("BYE", "ERROR"):
                         self._send_now(self.agents, ident, "ERROR", self._not_leader(None, None))
             if self.clients in ready:
                 self._standby_clients()
@@ -327,10 +335,13 @@ class Master:
         """A standby answers STATS with its role and every other request not_leader (or
         unavailable while it cannot reach the database either)."""
         assert self.clients is not None
-        for ident, msg, _ in self._incoming(self.clients, CLIENT, CLIENT_MAX_MSG,
-                                            self.cfg.client_turn_messages):
+        for ident, msg, user in self._incoming(self.clients, CLIENT, CLIENT_MAX_MSG,
+                                               self.cfg.client_turn_messages):
             rid = echo_rid(msg.get("rid"))
-            if msg.command == "STATS":
+            peer = parse_user_id(user) if user else None
+            if self.security is not None and (peer is None or peer.role == "agent"):
+                self._unidentified(CLIENT, ident, msg)
+            elif msg.command == "STATS":
                 self._send_now(self.clients, ident, "REPLY",
                                {"stats": self._standby_view(), "rid": rid})
             elif self.store is None:
@@ -400,9 +411,14 @@ class Master:
         """One leader term: serve until stopped (BYE to agents) or deposed (stand by)."""
         try:
             self._start_term(epoch)
-        except StorageError as e:
-            log.error("cannot lead: %s; standing by", e)
+        except Exception as e:  # the database went away meanwhile, or a bug: stand by
+            if isinstance(e, StorageError):
+                log.error("cannot lead: %s; standing by", e)
+            else:
+                log.exception("cannot lead; standing by")
             self._end_term("start failed")
+            # Not a new epoch every half second: the next try after a pause.
+            self._next_try = time.monotonic() + START_RETRY_S
             return
         why = "stopped"
         try:

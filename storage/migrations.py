@@ -23,10 +23,11 @@ def _v2_agents_last_seen(db: peewee.Database, models: Models) -> None:
 
 
 def _v3_leader(db: peewee.Database, models: Models) -> None:
-    """The leader row: the leading master and its epoch (master/leader.py), epoch 0 at first."""
-    db.create_tables([models.Leader], safe=True)
-    leader = models.Leader
-    leader.insert(id=1, epoch=0).on_conflict_ignore().execute()
+    """The leader row (the leading master and its epoch, master/leader.py; epoch 0 at first)
+    and its lease row."""
+    db.create_tables([models.Leader, models.Lease], safe=True)
+    models.Leader.insert(id=1, epoch=0).on_conflict_ignore().execute()
+    models.Lease.insert(id=1, epoch=0).on_conflict_ignore().execute()
 
 
 # Append (version, step) pairs; never edit a released step. A fresh database runs every step

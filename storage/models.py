@@ -77,11 +77,12 @@ class Models:
     Agent: Any
     Meta: Any
     Leader: Any
+    Lease: Any
 
     @property
     def all(self) -> list[Any]:
         """All models, in creation order."""
-        return [self.Meta, self.Job, self.JobEvent, self.Agent, self.Leader]
+        return [self.Meta, self.Job, self.JobEvent, self.Agent, self.Leader, self.Lease]
 
 
 def make_models(db: peewee.Database, strict: bool = False) -> Models:
@@ -168,9 +169,20 @@ def make_models(db: peewee.Database, strict: bool = False) -> Models:
         clients = peewee.TextField(default="")
         events = peewee.TextField(default="")
         since = peewee.DoubleField(default=0, constraints=_default(0))
-        renewed = peewee.DoubleField(default=0, constraints=_default(0))  # lease, server clock
 
         class Meta:
             table_name = "leader"
 
-    return Models(db=db, Job=Job, JobEvent=JobEvent, Agent=Agent, Meta=MetaKV, Leader=Leader)
+    class Lease(Base):
+        # One row (id 1): the leader's lease, renewed every 0.5 s. Its own table: group commits
+        # lock the leader row (FOR SHARE), and a renewal must never wait behind them.
+        id = peewee.IntegerField(primary_key=True)
+        epoch = peewee.BigIntegerField(default=0, constraints=_default(0))
+        renewed = peewee.DoubleField(default=0, constraints=_default(0))  # the server's clock
+        lease_s = peewee.DoubleField(default=0, constraints=_default(0))  # the leader's length
+
+        class Meta:
+            table_name = "leader_lease"
+
+    return Models(db=db, Job=Job, JobEvent=JobEvent, Agent=Agent, Meta=MetaKV, Leader=Leader,
+                  Lease=Lease)

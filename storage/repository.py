@@ -150,17 +150,19 @@ class Store:
 
     def take_epoch(self, instance: str, agents: str, clients: str, events: str,
                    wall: float) -> int:
-        """Lead with a new epoch (SQLite: the file lock makes this process the only master):
-        increment the leader row's epoch and name this master; returns the new epoch."""
+        """Lead with a new epoch (SQLite: the file lock makes this process the only master) and
+        name this master; returns the epoch: above the last one and at least `wall` in ms, so
+        a database restored from a backup never hands out an epoch agents have seen."""
         leader = self.models.Leader
         with self._guard("take epoch"), self.db.atomic():
-            (leader.update(epoch=leader.epoch + 1, instance=instance, agents=agents,
-                           clients=clients, events=events, since=wall, renewed=wall)
-             .where(leader.id == 1).execute())
-            return int(leader.get_by_id(1).epoch)
+            old = int(leader.get_by_id(1).epoch)
+            epoch = max(old + 1, int(wall * 1000))
+            (leader.update(epoch=epoch, instance=instance, agents=agents, clients=clients,
+                           events=events, since=wall).where(leader.id == 1).execute())
+            return epoch
 
     def leader_row(self) -> Row | None:
-        """The leader row as stored (epoch, instance, endpoints, since, renewed), or None."""
+        """The leader row as stored (epoch, instance, endpoints, since), or None."""
         leader = self.models.Leader
         rows = self._rows("read leader", leader.select().where(leader.id == 1))
         return rows[0] if rows else None

@@ -217,6 +217,21 @@ def test_not_leader_without_a_leader_retries_the_same_master_backoff_capped_at_1
         now = when
         a.reconnect(now)
     assert delays == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0], abs=0.015)
+    # Past two liveness windows (6 s) on standbys without a usable leader: the next master
+    # too (one that cannot reach the database must not hold the agent for good).
+    while True:
+        a.send("ERROR", now, code="not_leader", text="standby, no leader known", leader=None)
+        hop, when = a.next_reconnect(now)
+        now = when
+        a.reconnect(now)
+        if hop != Reconnect():
+            break
+    assert hop == Reconnect(rotate=True) and 6.0 < now <= 7.6, (hop, now)
+    a.send("ERROR", now, code="not_leader", text="standby, no leader known", leader=None)
+    hop, when = a.next_reconnect(now)
+    assert hop == Reconnect()  # the window starts again
+    now = when
+    a.reconnect(now)
     # A WELCOME resets it: the next not_leader is retried after 0.1 s again ...
     a.welcome(6, now)
     a.send("ERROR", now, code="not_leader", text="stepped down", leader=None)
@@ -256,6 +271,9 @@ def test_the_next_endpoint_follows_the_reconnect_action() -> None:
     # standby is tried again, it is about to lead.
     assert pick_master(ms, 1, Reconnect(to=A), avoid=A) == (1, True)
     assert pick_master(ms, 1, Reconnect(to=C), avoid=A) == (2, True)
+    # A standby stuck without a usable leader (rotate set by the core): the next master.
+    assert pick_master(ms, 1, Reconnect(to="tcp://10.9.9.9:5555", rotate=True)) == (2, False)
+    assert pick_master(ms, 1, Reconnect(to=None, rotate=True)) == (2, True)
 
 
 def test_master_takes_a_comma_separated_list_each_checked() -> None:

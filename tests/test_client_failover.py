@@ -250,6 +250,34 @@ def test_not_leader_is_followed_to_the_leader_within_one_call(
         assert len(stand.got("RETRY")) == 1 and len(lead.got("RETRY")) == 1
 
 
+def cut_off(fake: FakeMaster, command: str, body: dict[str, Any]) -> Reply:
+    """A standby that cannot reach its database: STATS, else unavailable."""
+    if command == "STATS":
+        return standby(fake, command, body)
+    return "ERROR", {"rid": body["rid"], "code": "unavailable", "command": command,
+                     "text": "database unavailable: request not applied"}
+
+
+def test_unavailable_from_one_master_asks_the_next_and_all_unavailable_is_the_answer(
+        fakes: Callable[..., FakeMaster]) -> None:
+    off = fakes(cut_off)
+    lead = fakes(leader, epoch=4)
+    with Client([off.clients, lead.clients], timeout=5) as c:
+        # Refused (not applied) by the cut-off standby, then sent to the leader.
+        assert c.submit([{"scenario": "noop"}], idempotency_key="u") == [1]
+        assert len(off.got("SUBMIT")) == 1 and len(lead.got("SUBMIT")) == 1
+    other = fakes(cut_off)
+    with Client([off.clients, other.clients], timeout=5) as c:
+        started = time.monotonic()
+        with pytest.raises(ClientError) as both:
+            c.list_jobs()
+        assert time.monotonic() - started < 1.0  # each asked once, then the answer
+    assert both.value.code == "unavailable", both.value
+    with Client(off.clients, timeout=5) as c, pytest.raises(ClientError) as alone:
+        c.list_jobs()  # one endpoint: at once, as always
+    assert alone.value.code == "unavailable"
+
+
 def test_not_leader_naming_an_endpoint_not_in_the_list_names_it(
         fakes: Callable[..., FakeMaster]) -> None:
     stand = fakes(standby)

@@ -131,6 +131,14 @@ def test_sqlite_second_master_on_the_same_file_is_refused(tmp_path: Path) -> Non
         assert "another master" in lines[0] and f"pid {first.master.pid}" in lines[0], lines
         assert "one master per database file" in lines[0], lines
         assert first.master.poll() is None and first.answers()  # the first one is untouched
+        # The same file under another name (a symlink): the same lock, refused too.
+        (tmp_path / "other.db").symlink_to(tmp_path / "one.db")
+        via_link = subprocess.run(
+            [sys.executable, "-m", "ffrtmp", "master", "--db", f"sqlite:///{tmp_path}/other.db",
+             "--metrics", "off", "--agents", f"tcp://127.0.0.1:{ports[0]}", "--clients",
+             f"tcp://127.0.0.1:{ports[1]}", "--events", f"tcp://127.0.0.1:{ports[2]}"],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=30, check=False)
+        assert via_link.returncode != 0 and "another master" in via_link.stderr, via_link.stderr
     finally:
         first.close()
 
@@ -330,6 +338,29 @@ def _insert_batch(job_id: int) -> Any:
     return batch
 
 
+def test_standbys_name_the_advertised_host_for_a_wildcard_bind(tmp_path: Path) -> None:
+    import socket
+
+    from master.config import MasterConfig
+    from master.leader import Endpoints, advertised_endpoints
+    from master.server import Master
+
+    assert advertised_endpoints("tcp://0.0.0.0:5555", "tcp://*:5556", "tcp://127.0.0.1:5557",
+                                "m1.example.com") == Endpoints(
+        "tcp://m1.example.com:5555", "tcp://m1.example.com:5556", "tcp://127.0.0.1:5557")
+    assert advertised_endpoints("tcp://[::]:5555", "tcp://*:5556", "tcp://*:5557").agents == \
+        f"tcp://{socket.gethostname()}:5555"  # default: this host's name
+    # --advertise reaches what the leader row names (master/cli.py passes it as is).
+    cfg = MasterConfig(db_url=f"sqlite:///{tmp_path}/a.db", agents="tcp://*:5555",
+                       clients="tcp://0.0.0.0:5556", events="tcp://*:5557", advertise="m2",
+                       metrics=None)
+    master = Master(cfg)
+    try:
+        assert master.endpoints == Endpoints("tcp://m2:5555", "tcp://m2:5556", "tcp://m2:5557")
+    finally:
+        master.close()
+
+
 def test_a_commit_of_an_older_epoch_is_refused_and_writes_nothing(db_url: str) -> None:
     from storage import Fenced
 
@@ -338,7 +369,7 @@ def test_a_commit_of_an_older_epoch_is_refused_and_writes_nothing(db_url: str) -
         old.fence(e1)
         old.apply(_insert_batch(1))  # its own epoch: written
         e2 = new.take_epoch("new", "a2", "c2", "e2", time.time())
-        assert e2 == e1 + 1
+        assert e2 > e1 >= int(time.time() * 1000) - 60_000  # from the clock: restores too
         new.fence(e2)
         with pytest.raises(Fenced, match=f"epoch is {e1}, the database's {e2}"):
             old.apply(_insert_batch(2))
@@ -371,7 +402,7 @@ def test_pg_leadership_lock_lease_and_takeover(pg_url: str) -> None:
             got = wait_for(lambda: b.try_lead(store), 5, interval=0.1,
                            message="b takes over after the lease")
             assert time.monotonic() - stopped >= 0.9 * 0.9
-            assert got == first + 1 and not b.lost
+            assert got > first and not b.lost
             assert not _alive(a._conn)  # b terminated a's lock session
             assert a.lost and "no lease renewal" in a.why  # a, waking, knows by its own clock
             assert store.leader_row()["instance"] == "bbbb"  # type: ignore[index]
@@ -384,7 +415,7 @@ def test_pg_leadership_lock_lease_and_takeover(pg_url: str) -> None:
             assert b.lost
             third = wait_for(lambda: a.try_lead(store), 3, interval=0.1,
                              message="the lock is free once b stepped down")
-            assert third == got + 1
+            assert third > got
         finally:
             a.close()
             b.close()
@@ -421,3 +452,28 @@ def test_submit_wait_completes_across_a_failover(ha: Cluster, pg_url: str) -> No
     # 40 jobs, not more: a SUBMIT resent across the failover carries its idempotency key.
     assert len(rows) == 40 and all(r["state"] == "completed" for r in rows), \
         Counter(r["state"] for r in rows)
+
+
+@pytest.mark.postgres
+def test_a_slow_commit_does_not_depose_a_healthy_leader(pg_url: str) -> None:
+    """The lease is renewed on a row group commits never lock: a commit holding the leader row
+    FOR SHARE for longer than a renewal's statement timeout (1.5 s) must not cost leadership.
+    (Before the lease had its own table this deposed the leader after 1.5 s.)"""
+    import psycopg2
+
+    from master.leader import Endpoints, PgLeader
+
+    with Store(pg_url) as store:
+        a = PgLeader(pg_url, "aaaa", Endpoints("tcp://a:1", "tcp://a:2", "tcp://a:3"))
+        held = psycopg2.connect(pg_url)
+        try:
+            assert a.try_lead(store) is not None
+            cur = held.cursor()  # a group commit in flight: the fence's lock, held 2.5 s
+            cur.execute("SELECT epoch FROM leader WHERE id = 1 FOR SHARE")
+            until = time.monotonic() + 2.5
+            wait_for(lambda: a.lost or time.monotonic() >= until, 5, interval=0.05)
+            assert not a.lost, a.why
+            held.rollback()
+        finally:
+            held.close()
+            a.close()
