@@ -132,9 +132,8 @@ class Client:
         return self._sock
 
     def _listed(self, target: str | None) -> int | None:
-        """The index of `target` (a leader's clients endpoint) in this client's list, if it is
-        there. A leader bound on a wildcard host (tcp://0.0.0.0:5556) matches the one other
-        listed endpoint with its port, if only one has it."""
+        """The index of `target` (a leader's clients endpoint, as the leader advertises it:
+        `ffrtmp master --advertise`) in this client's list, if it is there."""
         if not target:
             return None
         normal = {}
@@ -144,18 +143,9 @@ class Client:
             except EndpointError:
                 continue
         try:
-            target = parse_endpoint(target)
+            return normal.get(parse_endpoint(target))
         except EndpointError:
             return None
-        if target in normal:
-            return normal[target]
-        if target.startswith("tcp://") and (urlsplit(target).hostname or "*") in _WILDCARDS:
-            port = target.rpartition(":")[2]
-            same = [i for ep, i in normal.items()
-                    if i != self._index and ep.rpartition(":")[2] == port]
-            if len(same) == 1:
-                return same[0]
-        return None
 
     def _await(self, sock: zmq.Socket, rid: int, wait: float) -> Message | None:
         """The reply to `rid` within `wait` s, or None (and the socket dropped)."""

@@ -33,11 +33,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bus.client import advertised
 from storage import Store
-from storage.backends import PG_CONNECT_TIMEOUT_S, backend_for, sqlite_path
+from storage.backends import backend_for, pg_connect_args, sqlite_path
 from storage.db import redact_url
 from storage.errors import StorageError, one_line
 
@@ -60,6 +60,11 @@ class Endpoints:
     agents: str
     clients: str
     events: str
+
+    def view(self, instance: str, epoch: int) -> dict[str, Any]:
+        """The leader as not_leader, INFO and STATS name it (docs/protocol.md "Masters")."""
+        return {"agents": self.agents, "clients": self.clients, "events": self.events,
+                "epoch": epoch, "instance": instance}
 
 
 def advertised_endpoints(agents: str, clients: str, events: str,
@@ -228,23 +233,13 @@ class PgLeader:
 
         if self._conn is not None and not self._conn.closed:
             return self._conn
-        parts = urlsplit(self.url)
-        params: dict[str, Any] = dict(parse_qsl(parts.query))
-        params.update(connect_timeout=params.get("connect_timeout", PG_CONNECT_TIMEOUT_S),
-                      application_name=APP_PREFIX + self.instance,
+        dbname, params = pg_connect_args(self.url)  # StorageError: a malformed URL
+        params.update(application_name=APP_PREFIX + self.instance,
                       # a partition must not hang the renewal for TCP's two hours
                       keepalives=1, keepalives_idle=1, keepalives_interval=1,
                       keepalives_count=2, tcp_user_timeout=int(self.lease_s * 500),
                       options=f"-c statement_timeout={int(self.lease_s * 500)}")
-        if parts.hostname:
-            params["host"] = unquote(parts.hostname)
-        if parts.port:
-            params["port"] = parts.port
-        if parts.username:
-            params["user"] = unquote(parts.username)
-        if parts.password is not None:
-            params["password"] = unquote(parts.password)
-        self._conn = psycopg2.connect(dbname=unquote(parts.path.lstrip("/")), **params)
+        self._conn = psycopg2.connect(dbname=dbname, **params)
         self._conn.autocommit = True
         return self._conn
 
@@ -287,18 +282,13 @@ class PgLeader:
                 return None
             self.epoch = int(row[0])
             self._renewed = time.monotonic()
-            self._known = {**self._me(), "epoch": self.epoch}
+            self._known = self.endpoints.view(self.instance, self.epoch)
             self._lost.clear()
             self.why = ""
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew_loop, name="lease", daemon=True)
         self._thread.start()
         return self.epoch
-
-    def _me(self) -> dict[str, Any]:
-        e = self.endpoints
-        return {"agents": e.agents, "clients": e.clients, "events": e.events,
-                "instance": self.instance}
 
     def _read_lease(self, cur: Any, take_over: bool) -> None:
         cur.execute(_LEASE)
@@ -309,8 +299,8 @@ class PgLeader:
         epoch, instance, agents, clients, events, age, lease_s = row
         # The holder's own lease length (its heartbeat x liveness), not this process's.
         fresh = float(age) <= (float(lease_s) or self.lease_s)
-        self._known = ({"agents": agents, "clients": clients, "events": events,
-                        "epoch": int(epoch), "instance": instance} if fresh else None)
+        self._known = (Endpoints(agents, clients, events).view(instance, int(epoch))
+                       if fresh else None)
         if not fresh and take_over:
             log.warning("leadership: leader %s (epoch %d) has not renewed its lease for %.1fs; "
                         "terminating its connections", instance, epoch, float(age))

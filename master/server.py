@@ -175,7 +175,6 @@ class Master:
             except BaseException:
                 self.leader.close()
                 raise
-        self.epoch = 0  # while leading
         self.leading = False
         # Per term (set by _start_term):
         self.core: MasterCore
@@ -388,7 +387,7 @@ class Master:
         self.core = MasterCore(cfg, store.max_job_id() + 1, self.metrics, random.Random(),
                                store.max_event_seq() + 1, instance=self.instance, epoch=epoch)
         self.requests = Requests(self.core, store, self.scenarios,
-                                 leader={**self._me(), "epoch": epoch})
+                                 leader=self.endpoints.view(self.instance, epoch))
         self.core.agents.probe = self._probe
         self.retention = Retention(store, self.metrics, cfg.retention_days,
                                    cfg.retention_interval_s, cfg.retention_batch,
@@ -396,16 +395,11 @@ class Master:
         self.maintenance = Maintenance(self.db_url, self.metrics, cfg.maintenance_interval_s)
         now, wall = time.monotonic(), time.time()
         self.core.recover(store.load_unfinished(), store.list_agents(), now, wall)
-        self.epoch, self.leading = epoch, True
+        self.leading = True
         self._unreachable.clear()  # the last term's connections
         self.metrics.leadership.labels("leader", "elected").inc()
         log.info("master leads (epoch %d): %d unfinished jobs recovered; agents %s, clients %s, "
                  "events %s", epoch, len(self.core.jobs), cfg.agents, cfg.clients, cfg.events)
-
-    def _me(self) -> dict[str, Any]:
-        e = self.endpoints
-        return {"agents": e.agents, "clients": e.clients, "events": e.events,
-                "instance": self.instance}
 
     def _lead(self, epoch: int) -> None:
         """One leader term: serve until stopped (BYE to agents) or deposed (stand by)."""
@@ -440,7 +434,6 @@ class Master:
             if self.kind.servers:  # a fresh connection for the next try: this one may be dead
                 self.store.close()
                 self.store = None
-        self.epoch = 0
         if why != "stopped":
             self.metrics.leadership.labels("standby", _why_label(why)).inc()
 

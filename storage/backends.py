@@ -170,7 +170,10 @@ except ImportError:  # pragma: no cover - SQLite-only install
     _PG_ERRORS = ()
 
 
-def _open_postgresql(url: str) -> peewee.PostgresqlDatabase:
+def pg_connect_args(url: str) -> tuple[str, dict[str, Any]]:
+    """(database name, libpq keyword arguments) of a postgresql:// URL; StorageError if it is
+    malformed or names no database. Query parameters (sslmode=…, connect_timeout=…,
+    application_name=…) pass straight to libpq."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -183,7 +186,6 @@ def _open_postgresql(url: str) -> peewee.PostgresqlDatabase:
         "connect_timeout": PG_CONNECT_TIMEOUT_S,
         "application_name": "ffrtmp",
     }
-    # Query parameters (sslmode=…, connect_timeout=…) pass straight to libpq.
     params.update(parse_qsl(parts.query))
     if parts.hostname:
         params["host"] = unquote(parts.hostname)
@@ -193,6 +195,11 @@ def _open_postgresql(url: str) -> peewee.PostgresqlDatabase:
         params["user"] = unquote(parts.username)
     if parts.password is not None:
         params["password"] = unquote(parts.password)
+    return dbname, params
+
+
+def _open_postgresql(url: str) -> peewee.PostgresqlDatabase:
+    dbname, params = pg_connect_args(url)
     return peewee.PostgresqlDatabase(dbname, **params)
 
 
