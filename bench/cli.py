@@ -6,15 +6,23 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bench import dash_cost, overhead, suite, wait
-from bench.env import machine
-from bench.profiles import PROFILES, WORKLOADS, BenchError, customize, profile, workload
-from bench.progress import Bar
-from bench.report import aggregate, write
-from bench.run import RunSpec, run_all, versions
+from bench.profiles import (
+    CEILING_JOBS,
+    PROFILES,
+    WORKLOADS,
+    BenchError,
+    customize,
+    profile,
+    workload,
+)
 
-MODES = ("run", "matrix", "depth", "store", "overhead", "wait", "dash-cost")
+if TYPE_CHECKING:  # the rest of the bench is imported when it runs, not with `ffrtmp`'s grammar
+    from bench import overhead
+    from bench.run import RunSpec
+
+MODES = ("run", "matrix", "depth", "store", "overhead", "wait", "dash-cost", "ceiling", "compare")
 # The depth sweep measures the master's dispatch: many in-agent slots, 10k measured jobs.
 DEPTH_DEFAULTS = {"agents": 3, "slots": 16, "jobs": 10_000, "batch": 1000, "latency_samples": 0}
 
@@ -27,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "and write report.json, report.md and plot.svg. `bench matrix` runs the "
                     "test matrix, `bench depth` the queue-depth sweep.")
     p.add_argument("mode", nargs="?", default="run",
-                   metavar="{run,matrix,depth,store,overhead,wait,dash-cost}",
+                   metavar="{run,matrix,depth,store,overhead,wait,dash-cost,ceiling,compare}",
                    help="run (default): one profile; matrix: the comparison matrix; "
                         "depth: dispatch rate with 0, 10k, 100k jobs already queued; "
                         "store: what the database alone absorbs per group-commit size; "
@@ -35,7 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "short ffmpeg jobs against xargs -P); wait: `ffrtmp submit --count N "
                         "--wait` against the bench's own driver on one cluster; dash-cost: CPU of "
                         "`ffrtmp dash` (in tmux) and of the master serving it at --rate "
-                        "(default 1000) noop jobs/s, with and without, --repeat (default 3)")
+                        "(default 1000) noop jobs/s, with and without, --repeat (default 3); "
+                        "ceiling: the bus alone (raw pyzmq dispatch + ack, no database), "
+                        "--agents x --slots (default 3 x 16), --jobs (default 20,000); compare: "
+                        "ffrtmp, Celery and RQ at --concurrency (default 2), --jobs (default "
+                        "5,000) each, alternating, --repeat (default 3)")
     p.add_argument("--profile", default="quick",
                    help=f"{', '.join(f'{k} ({v.jobs:,} jobs)' for k, v in PROFILES.items())}")
     p.add_argument("--workload", default="noop", help=f"{', '.join(WORKLOADS)} (default noop)")
@@ -68,8 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="its events endpoint (needed with --master)")
     p.add_argument("--metrics-url", default=None,
                    help="its /metrics URL, for database and bus figures (with --master)")
-    p.add_argument("--repeat", type=int, default=1, help="runs per configuration (median, "
-                                                         "min-max)")
+    p.add_argument("--repeat", type=int, default=None, help="runs per configuration (median, "
+                                                            "min-max; default 1, compare 3)")
     p.add_argument("--timeout", type=float, default=None, help="give up a load after S seconds")
     p.add_argument("--out", default=None, help="report directory (default: "
                                                "bench-out/<time>-<what>)")
@@ -87,10 +99,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-tree", default=None, metavar="DIR",
                    help="overhead mode: also measure the master and agent of this source tree "
                         "(e.g. the previous commit), interleaved with the measured side")
+    p.add_argument("--concurrency", type=int, default=2,
+                   help="compare mode: tasks in parallel on every side (default 2)")
+    p.add_argument("--ceiling-jobs", type=int, default=CEILING_JOBS,
+                   help="run mode: jobs of the bus ceiling measured after the runs "
+                        f"(default {CEILING_JOBS:,})")
     p.set_defaults(func=run)
 
 
 def _spec(args: argparse.Namespace) -> RunSpec:
+    from bench.run import RunSpec
+
     prof = customize(profile(args.profile), agents=args.agents, slots=args.slots,
                      jobs=args.jobs, batch=args.batch, queued=args.queued, idle_s=args.idle,
                      latency_samples=args.latency_samples,
@@ -103,6 +122,8 @@ def _spec(args: argparse.Namespace) -> RunSpec:
 
 
 def _overhead_config(args: argparse.Namespace) -> overhead.Config:
+    from bench import overhead
+
     cfg = overhead.Config(repeat=args.repeat, tree=args.tree, baseline_tree=args.baseline_tree,
                           timeout=args.timeout)
     for key, value in (("jobs", args.jobs), ("sleep_s", args.sleep), ("slots", args.slots),
@@ -121,7 +142,16 @@ def _out(args: argparse.Namespace, what: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     """Run the chosen mode; a one-line error and status 2 on a bad invocation."""
+    from bench import ceiling, compare, dash_cost, overhead, suite, wait
+    from bench.env import machine
+    from bench.progress import Bar
+    from bench.report import aggregate, write
+    from bench.run import run_all, versions
+
     bar = Bar(quiet=args.quiet)
+    repeat_given = args.repeat is not None
+    if not repeat_given:
+        args.repeat = 1
     try:
         if args.mode not in MODES:
             raise BenchError(f"unknown mode {args.mode!r} (choose from {', '.join(MODES)})")
@@ -151,6 +181,15 @@ def run(args: argparse.Namespace) -> int:
         elif args.mode == "dash-cost":
             out = _out(args, "dash-cost")
             paths = dash_cost.run(dash_cost.config(args), out, bar)
+        elif args.mode == "ceiling":
+            out = _out(args, "ceiling")
+            paths = ceiling.run_mode(out, args.agents or 3, args.slots or 16,
+                                     args.jobs or CEILING_JOBS, args.repeat, machine())
+        elif args.mode == "compare":
+            out = _out(args, "compare")
+            paths = compare.run(compare.Config(
+                concurrency=args.concurrency, jobs=args.jobs or 5_000,
+                repeat=args.repeat if repeat_given else 3, timeout=args.timeout), out, bar)
         elif args.mode == "overhead":
             out = _out(args, "overhead")
             paths = overhead.run(_overhead_config(args), out, bar)
@@ -159,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
             out = _out(args, f"{spec.profile.name}-{spec.workload.name}")
             runs = run_all(spec, bar)
             report = aggregate({**spec.describe(), **versions(spec)}, machine(), runs)
+            report["ceiling"] = ceiling.for_run(spec, report, bar, args.ceiling_jobs)
             paths = write(out, report, runs)
             bar.phase(_headline(report))
     except BenchError as e:

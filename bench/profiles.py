@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+# Jobs of the bus ceiling (bench/ceiling.py) measured beside every `ffrtmp bench` run.
+CEILING_JOBS = 20_000
+
 WORKLOADS = ("noop", "sleep", "ffmpeg")
 
 

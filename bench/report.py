@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import plot
+from bench.ceiling import markdown_lines as _ceiling_lines
 from bench.stats import flatten, spread
 
 PRIVATE = ("_latencies",)
@@ -207,6 +208,7 @@ def markdown(r: dict[str, Any]) -> str:
                   f"{_v(i.get('master_rss_mb'))} MB).", ""]
     if r.get("ffmpeg"):
         lines += _ffmpeg(r)
+    lines += _ceiling_lines(r)
     lines += ["## Failures by reason", ""]
     if r["failures_by_reason"]:
         lines += ["| state:reason | jobs (all runs) |", "|---|---|"]
