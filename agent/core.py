@@ -23,13 +23,15 @@ from agent.admission import REJECT_REASON, Admission, reservation_for
 from agent.kinds import Finished, Prepared, Ready, Refused
 from agent.runner import Result
 from bus import vocab
-from bus.codec import Message
+from bus.codec import Message, validate, wire_type
+from bus.errors import ProtocolError
+from bus.schemas import MASTER_TO_AGENT
 
 log = logging.getLogger("ffrtmp.agent")
 
 PREPARING, RUNNING, STOPPING = "preparing", "running", "stopping"
 NOT_LEADER_MAX_S = 1.0  # a standby's not_leader: retry backoff 0.1 s doubling up to this
-EPOCHED = ("JOB", "DONE_ACK", "CANCEL")  # master messages a deposed leader's epoch voids
+EPOCHED = ("JOB", "JOBS", "DONE_ACK", "CANCEL")  # master messages a deposed leader's epoch voids
 
 
 # ---- actions the loop executes ------------------------------------------------------------------
@@ -227,6 +229,7 @@ class AgentCore:
             "cgroup": me.cgroup, "limits": me.limits,
             "running": [{"id": a.id, "attempt": a.attempt} for a in self.attempts.values()],
             "results": list(self.unacked.values()),
+            "jobs_batch": True,
         }
 
     def observe_disk(self, free_mb: float) -> None:
@@ -277,6 +280,8 @@ class AgentCore:
         elif cmd == "JOB":
             self.granted = max(0, self.granted - 1)
             self._job(msg["id"], msg["attempt"], msg["spec"], now)
+        elif cmd == "JOBS":
+            self._jobs(msg["jobs"], now)
         elif cmd == "CANCEL":
             self._cancel(msg["id"], msg["attempt"], msg["reason"], float(msg["grace_s"]), now)
         elif cmd == "DONE_ACK":
@@ -366,6 +371,22 @@ class AgentCore:
 
     def _reject(self, job_id: int, attempt: int, reason: str, now: float) -> None:
         self._send("REJECT", {"id": job_id, "attempt": attempt, "reason": reason}, now)
+
+    def _jobs(self, items: list[Any], now: float) -> None:
+        """A JOBS: each item is a JOB body, checked as a JOB is; a bad one is reported to the
+        master (ERROR bad_body) and skipped, the others run."""
+        for i, item in enumerate(items):
+            try:
+                if not isinstance(item, dict):
+                    raise ProtocolError("bad_body", f"must be map, got {wire_type(item)}")
+                job = validate(item, MASTER_TO_AGENT["JOB"], "JOB")
+            except ProtocolError as e:
+                log.warning("master sent a bad JOBS item: %s", e.text)
+                self._send("ERROR", {"code": "bad_body", "text": f"JOBS.jobs[{i}]: {e.text}"},
+                           now)
+                continue
+            self.granted = max(0, self.granted - 1)
+            self._job(job["id"], job["attempt"], job["spec"], now)
 
     def _job(self, job_id: int, attempt: int, spec: dict[str, Any], now: float) -> None:
         held = self.attempts.get(job_id)

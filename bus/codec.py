@@ -10,7 +10,7 @@ import msgpack
 from bus.errors import ProtocolError
 from bus.schemas import REQUIRED, Schema
 
-PROTOCOL_VERSION = (1, 2)  # docs/protocol.md "Changes in 1.2"
+PROTOCOL_VERSION = (1, 3)  # docs/protocol.md "Changes in 1.3"
 SIGNATURE = b"FFR"
 HEADER = SIGNATURE + bytes(PROTOCOL_VERSION)
 MAX_COMMAND_LEN = 16
@@ -47,6 +47,23 @@ def encode(command: str, body: dict[str, Any] | None = None) -> list[bytes]:
     except (TypeError, ValueError, OverflowError) as e:
         raise ProtocolError("bad_body", f"cannot encode {command}: {e}") from e
     return [HEADER, command.encode("ascii"), packed]
+
+
+_PACKER = msgpack.Packer(use_bin_type=True)
+_JOBS_COMMAND = b"JOBS"
+_JOB_KEYS = (_PACKER.pack("id"), _PACKER.pack("attempt"), _PACKER.pack("spec"))
+
+
+def encode_jobs(jobs: list[tuple[int, int, bytes]], epoch: int) -> list[bytes]:
+    """`JOBS {jobs: [{id, attempt, spec}, ...], epoch}` with each spec given already packed
+    (a msgpack map, as the master keeps it): the body is assembled, never re-encoded."""
+    pack = _PACKER.pack
+    key_id, key_attempt, key_spec = _JOB_KEYS
+    parts = [b"\x82", pack("jobs"), _PACKER.pack_array_header(len(jobs))]
+    for job_id, attempt, spec in jobs:
+        parts += (b"\x83", key_id, pack(job_id), key_attempt, pack(attempt), key_spec, spec)
+    parts += (pack("epoch"), pack(epoch))
+    return [HEADER, _JOBS_COMMAND, b"".join(parts)]
 
 
 def decode(

@@ -25,6 +25,7 @@ AGENT_TO_MASTER: dict[str, Schema] = {
         "limits": ("str", "best-effort"),
         "running": ("list", []),
         "results": ("list", []),
+        "jobs_batch": ("bool", False),  # 1.3: this agent takes JOBS
     },
     "CREDIT": {"n": ("int", REQUIRED)},
     "ACCEPT": dict(_ID_ATTEMPT),
@@ -63,6 +64,9 @@ MASTER_TO_AGENT: dict[str, Schema] = {
         "epoch": ("int", 0),
     },
     "JOB": {**_ID_ATTEMPT, "spec": ("map", REQUIRED), "epoch": ("int", 0)},
+    # 1.3: the JOBs of one turn for one agent whose HELLO said jobs_batch; each item is a
+    # JOB body (checked against JOB's schema one by one).
+    "JOBS": {"jobs": ("list", REQUIRED), "epoch": ("int", 0)},
     "DONE_ACK": {"acks": ("list", REQUIRED), "epoch": ("int", 0)},
     "CANCEL": {**_ID_ATTEMPT, "grace_s": ("num", 30.0), "reason": ("str", "cancelled"),
                "epoch": ("int", 0)},

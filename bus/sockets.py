@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import socket
 from urllib.parse import urlsplit
 
 import zmq
@@ -66,6 +65,8 @@ def is_loopback(endpoint: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
+        import socket  # a host name to resolve: rare, and the module is slow to import
+
         try:
             return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
         except OSError:
@@ -126,13 +127,86 @@ def bind_router(
 def bind_pub(ctx: zmq.Context, endpoint: str, insecure: bool = False,
              security: MasterSecurity | None = None, domain: str = "",
              sndhwm: int = HWM) -> zmq.Socket:
-    """The events PUB socket; a subscriber that does not read loses events past `sndhwm`."""
-    sock = ctx.socket(zmq.PUB)
+    """The events socket: an XPUB, so the master learns which topic prefixes anyone subscribes
+    to (see Subscriptions) and publishes nothing else; a subscriber that does not read loses
+    events past `sndhwm`."""
+    sock = ctx.socket(zmq.XPUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, 1024)  # subscriptions are short topic prefixes
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     _bind(sock, endpoint, insecure, security, domain)
     return sock
+
+
+class Subscriptions:
+    """The topic prefixes someone subscribes to, as an XPUB reports them.
+
+    libzmq (non-verbose XPUB) reports a prefix when its first subscriber takes it and its
+    unsubscription when its last subscriber drops it or disconnects, so a set mirrors its
+    subscription tree exactly. `wants(topic)` costs one set lookup per distinct prefix length.
+    Past `most` distinct prefixes (a subscriber flooding the table) it stops keeping count and
+    wants everything from then on, as a plain PUB would: publishing too much is safe, too
+    little is not.
+    """
+
+    def __init__(self, most: int = 100_000) -> None:
+        self.most = most
+        self._prefixes: set[bytes] = set()
+        self._lengths: dict[int, int] = {}  # prefix length -> how many prefixes have it
+        self._sorted: tuple[int, ...] = ()  # those lengths, ascending
+        self._under: dict[bytes, bool] = {}  # touches() answers since the last change
+        self.overflow = False
+
+    def __len__(self) -> int:
+        return len(self._prefixes)
+
+    def update(self, message: bytes) -> None:
+        """One XPUB message: b"\\x01" + prefix subscribes, b"\\x00" + prefix unsubscribes;
+        anything else (a subscriber may send what it likes) is ignored."""
+        if not message or message[0] > 1:
+            return
+        prefix, n = message[1:], len(message) - 1
+        if message[0] == 1:
+            if prefix in self._prefixes:
+                return
+            if len(self._prefixes) >= self.most:
+                self.overflow = True
+                return
+            self._prefixes.add(prefix)
+            self._lengths[n] = self._lengths.get(n, 0) + 1
+        elif prefix in self._prefixes:
+            self._prefixes.discard(prefix)
+            if self._lengths[n] > 1:
+                self._lengths[n] -= 1
+            else:
+                del self._lengths[n]
+        else:
+            return
+        self._sorted = tuple(sorted(self._lengths))
+        self._under.clear()
+
+    def wants(self, topic: bytes) -> bool:
+        """Does any subscription's prefix match this topic?"""
+        if self.overflow:
+            return True
+        prefixes = self._prefixes
+        for n in self._sorted:
+            if n > len(topic):
+                return False
+            if topic[:n] in prefixes:
+                return True
+        return False
+
+    def touches(self, family: bytes) -> bool:
+        """Could any subscription match some topic that starts with `family`? (False: no
+        topic of it is wanted, and none needs to be looked at one by one.)"""
+        if self.overflow:
+            return True
+        known = self._under.get(family)
+        if known is None:
+            known = self._under[family] = any(
+                family.startswith(p) or p.startswith(family) for p in self._prefixes)
+        return known
 
 
 def connect_dealer(

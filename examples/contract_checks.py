@@ -35,7 +35,7 @@ from typing import Any
 import msgpack
 import zmq
 
-HEADER = b"FFR\x01\x02"  # "FFR", major 1, minor 2 (the page's version)
+HEADER = b"FFR\x01\x03"  # "FFR", major 1, minor 3 (the page's version)
 TERMINAL = {"completed", "failed", "timed_out", "cancelled"}
 NOOP = {"scenario": "noop"}
 UNPLACEABLE = {"scenario": "noop", "resource_limits": {"max_memory_mb": 1_048_576}}  # no agent

@@ -25,7 +25,9 @@ class AgentConn:
     acks: list[list[int]] = field(default_factory=list)
     first_seen_wall: float = 0.0
     instance: str = ""  # HELLO.instance: tells the same process on a new connection apart
+    batches: bool = False  # HELLO.jobs_batch: a turn's JOBs go in one JOBS (protocol 1.3)
     verdicts: dict[str, bool] = field(default_factory=dict)  # can_run cache (caps are fixed)
+    wake: float = float("inf")  # when the registry's liveness next looks at it (its heap entry)
 
     def can_run(self, requirement: str) -> bool:
         """True if this agent has every '+'-joined capability of a requirement.

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from bus import vocab
-from bus.codec import Message, validate
+from bus.codec import Message, encode_jobs, validate
 from bus.errors import ProtocolError
 from bus.schemas import AGENT_TO_MASTER
 from master import state as sm
@@ -90,7 +90,13 @@ class MasterCore:
                           f"agent key {peer.name!r} may not act as agent {conn.name!r}"})
             return
         self.agents.seen(conn, now)
-        if cmd == "CREDIT":
+        if cmd == "PROGRESS":  # the hot message of a busy fleet: first, and the cheap check
+            if bad := _unstorable_progress(msg.body):
+                self.out.send(AGENT, ident, "ERROR", {"code": "bad_body",
+                                                      "text": f"PROGRESS.{bad}"})
+            else:
+                self._attempt_message(conn, msg, now, wall)
+        elif cmd == "CREDIT":
             self.agents.credit(conn, msg["n"])
         elif cmd == "HEARTBEAT":
             if isinstance(msg.get("credit"), int):
@@ -106,11 +112,11 @@ class MasterCore:
             self.out.send(AGENT, ident, "ERROR",
                           {"code": "bad_body", "text": f"DONE.{field} not storable: dropped"})
             self._done(conn, {**msg.body, field: None if field == "reason" else {}}, now, wall)
-        elif cmd in ("DONE", "PROGRESS", "REJECT") and (bad := _unstorable(msg.body)):
+        elif cmd in ("DONE", "REJECT") and (bad := _unstorable(msg.body)):
             self.out.send(AGENT, ident, "ERROR", {"code": "bad_body", "text": f"{cmd}.{bad}"})
         elif cmd == "DONE":
             self._done(conn, msg.body, now, wall)
-        elif cmd in ("ACCEPT", "PROGRESS", "REJECT"):
+        elif cmd in ("ACCEPT", "REJECT"):
             self._attempt_message(conn, msg, now, wall)
         elif cmd == "BYE":
             self._drop(conn, now, wall, lost=False)
@@ -165,6 +171,7 @@ class MasterCore:
         conn = self.agents.hello(ident, msg.body, peer, now, wall)
         if conn is None:
             return
+        conn.batches = bool(msg["jobs_batch"])
         for result in msg["results"]:  # DONE bodies, so checked as DONE is (HELLO's schema can't)
             if not isinstance(result, dict):
                 continue
@@ -268,8 +275,11 @@ class MasterCore:
 
     def dispatch(self, now: float, wall: float) -> int:
         """Hand queued jobs to agents with credit, round robin; returns how many went out."""
+        if not self.jobs.sched.waiting():  # nothing to hand out: no walk over the agents
+            return 0
         ready = self.agents.ready()
         sent = 0
+        picked: dict[bytes, tuple[AgentConn, list[tuple[Job, dict[str, Any]]]]] = {}
         while ready:
             nxt = []
             for conn in ready:
@@ -278,12 +288,19 @@ class MasterCore:
                     continue
                 spec = self.jobs.assign(job, conn.name, now, wall)
                 self.agents.took(conn, job.id, now)
-                self.out.send(AGENT, conn.ident, "JOB", {"id": job.id, "attempt": job.attempt,
-                                                         "spec": spec})
+                picked.setdefault(conn.ident, (conn, []))[1].append((job, spec))
                 sent += 1
                 if conn.credit > 0:
                     nxt.append(conn)
             ready = nxt
+        for conn, jobs in picked.values():  # one JOBS per agent and turn where it takes them
+            if conn.batches and len(jobs) > 1:
+                self.out.send_frames(AGENT, conn.ident, encode_jobs(
+                    [(job.id, job.attempt, job.spec) for job, _ in jobs], self.out.epoch))
+                continue
+            for job, spec in jobs:
+                self.out.send(AGENT, conn.ident, "JOB", {"id": job.id, "attempt": job.attempt,
+                                                         "spec": spec})
         if sent:
             self.metrics.dispatched.inc(sent)
         return sent
@@ -319,6 +336,29 @@ def _unstorable_text(body: dict[str, Any]) -> str | None:
     return next((k for k in ("reason", "extra") if not _storable(body.get(k))), None)
 
 
+# A PROGRESS body as the schema makes it (bus/schemas.py): only these keys, nothing else.
+_PROGRESS_KEYS = frozenset(AGENT_TO_MASTER["PROGRESS"])
+_PROGRESS_FLOATS = ("progress", "fps", "speed", "out_time_s")
+_INT63 = 2**63
+
+
+def _unstorable_progress(body: dict[str, Any]) -> str | None:
+    """`_unstorable(body)` for a PROGRESS, answered without it for the common body: the
+    schema's keys only, byte counts in range, finite numbers (anything else: the full check,
+    so every refusal and its text are the same)."""
+    if body.keys() <= _PROGRESS_KEYS:
+        b_in, b_out = body.get("bytes_in", 0), body.get("bytes_out", 0)
+        if type(b_in) is int and type(b_out) is int and 0 <= b_in < _INT63 \
+                and 0 <= b_out < _INT63:
+            for key in _PROGRESS_FLOATS:
+                value = body.get(key)
+                if type(value) is float and value - value != 0.0:  # inf or nan
+                    break
+            else:
+                return None
+    return _unstorable(body)
+
+
 def _unstorable(body: dict[str, Any]) -> str | None:
     """The first agent-reported value of a DONE/PROGRESS/REJECT the store cannot hold, with
     what it must be; None if all fit. One such value would fail (and wedge) every commit."""
@@ -333,7 +373,8 @@ def _unstorable(body: dict[str, Any]) -> str | None:
     code = body.get("exit_code")
     if code is not None and not -(2**31) <= code < 2**31:
         return "exit_code must be a 32-bit integer"
-    bad = next((k for k in ("reason", "extra") if not _storable(body.get(k))), None)
+    bad = next((k for k in ("reason", "extra")  # nil (or absent) is always storable
+                if body.get(k) is not None and not _storable(body[k])), None)
     return f"{bad} must be storable (JSON, no NUL)" if bad else None
 
 

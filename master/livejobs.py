@@ -25,6 +25,9 @@ from master.sla import SlaPolicy
 # Keys of a job's `extra` that the master writes; an agent's DONE.extra cannot replace them.
 RESERVED = frozenset({"requires", "retry_of", "sla_met"})
 
+# PROGRESS figures kept in a job's `extra` (and written with it at the next flush).
+_FIGURES = ("fps", "speed", "out_time_s")
+
 # DONE.status -> the state machine's input.
 DONE_EVENTS = {
     vocab.COMPLETED: sm.COMPLETE,
@@ -66,6 +69,8 @@ class LiveJobs:
         self.sched = Scheduler(cfg.aging_s)
         self.backstop = Backstop(cfg.timeout_margin_s)
         self._dirty: set[int] = set()  # jobs whose progress is not written yet
+        # The last spec packed and its bytes: the copies of one SUBMIT share one spec object.
+        self._packed: tuple[dict[str, Any], bytes] | None = None
         # (deadline, id, attempt) of assignments in the order made: one deadline for all, so a
         # deque is a heap here. An attempt still `assigned` at its deadline was never answered.
         self._assigned: deque[tuple[float, int, int]] = deque()
@@ -115,7 +120,9 @@ class LiveJobs:
         job_id = self.next_id
         self.next_id += 1
         extra = {"retry_of": retry_of} if retry_of else {}
-        job = Job(id=job_id, scenario=spec["scenario"], spec=msgpack.packb(spec),
+        if self._packed is None or self._packed[0] is not spec:
+            self._packed = (spec, msgpack.packb(spec))
+        job = Job(id=job_id, scenario=spec["scenario"], spec=self._packed[1],
                   state=sm.QUEUED, priority=priority, attempt=0,
                   max_attempts=spec["max_attempts"], requires=requires, created_at=wall,
                   extra=extra, retry_timeouts=bool(spec.get("retry_timeouts")))
@@ -266,10 +273,11 @@ class LiveJobs:
         """Figures of a PROGRESS of the current attempt; written at the next flush."""
         job.progress = min(1.0, max(0.0, float(body["progress"])))
         job.bytes_in, job.bytes_out = body["bytes_in"], body["bytes_out"]
-        for key in ("fps", "speed", "out_time_s"):
-            if body.get(key) is not None:
-                job.extra[key] = body[key]
-        self._dirty.add(job.id)
+        extra = job.extra
+        for key in _FIGURES:
+            if (value := body.get(key)) is not None:
+                extra[key] = value
+        self._dirty.add(job.id)  # written once at the next flush, however many came
         self.out.publish(f"job.{job.id}.progress", "PROGRESS",
                          {"id": job.id, "attempt": job.attempt, "progress": job.progress,
                           "bytes_in": job.bytes_in, "bytes_out": job.bytes_out, **job.extra})

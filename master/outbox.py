@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from bus.codec import encode
+from bus.sockets import Subscriptions
 from storage import WriteBatch
 
 AGENT, CLIENT = "agent", "client"
@@ -24,8 +25,10 @@ STAMPED = frozenset({"WELCOME", "JOB", "DONE_ACK", "CANCEL"})
 class Outbox:
     """The turn's writes, messages and events; `take()` hands them over and starts a new turn."""
 
-    def __init__(self, epoch: int = 0) -> None:
+    def __init__(self, epoch: int = 0, subscriptions: Subscriptions | None = None) -> None:
         self.epoch = epoch  # stamped on the messages agents fence by (STAMPED)
+        # What subscribers take (the events XPUB's table); None: publish every topic.
+        self.subscriptions = subscriptions
         self.batch = WriteBatch()
         self.messages: list[Outgoing] = []
         self.events: list[list[bytes]] = []
@@ -42,14 +45,26 @@ class Outbox:
         """Queue an already encoded message for after the commit."""
         self.messages.append((kind, ident, frames))
 
+    def wants(self, topic: bytes) -> bool:
+        """Does anyone subscribe to this topic? (Nothing is encoded for a topic nobody takes.)"""
+        subs = self.subscriptions
+        return subs is None or subs.wants(topic)
+
     def publish(self, topic: str, command: str, body: dict[str, Any]) -> None:
-        """Queue an event for after the commit."""
-        self.events.append([topic.encode(), *encode(command, body)])
+        """Queue an event for after the commit, if anyone subscribes to its topic."""
+        raw = topic.encode()
+        if self.wants(raw):
+            self.events.append([raw, *encode(command, body)])
 
     def job_event(self, event: dict[str, Any]) -> None:
         """Queue a job event (an event view, docs/protocol.md "Events") for after the commit:
-        on its job's topic as STATE, and in the turn's coalesced `events` messages."""
-        self.events.append([f"job.{event['id']}.state".encode(), *encode("STATE", event)])
+        on its job's topic as STATE (if anyone subscribes to it), and in the turn's coalesced
+        `events` messages."""
+        subs = self.subscriptions
+        if subs is None or subs.touches(b"job."):
+            topic = b"job.%d.state" % event["id"]
+            if self.wants(topic):
+                self.events.append([topic, *encode("STATE", event)])
         self.log.append(event)
 
     def take(self) -> tuple[WriteBatch, list[Outgoing], list[list[bytes]]]:
@@ -59,8 +74,9 @@ class Outbox:
         sequence numbers, so a subscriber of `events` sees every event in order or a gap.
         """
         events = self.events
-        for start in range(0, len(self.log), EVENTS_PER_MESSAGE):
-            chunk = self.log[start:start + EVENTS_PER_MESSAGE]
+        log = self.log if self.wants(EVENTS_TOPIC) else []
+        for start in range(0, len(log), EVENTS_PER_MESSAGE):
+            chunk = log[start:start + EVENTS_PER_MESSAGE]
             events.append([EVENTS_TOPIC, *encode("EVENTS", {"events": chunk})])
         out = (self.batch, self.messages, events)
         self.batch, self.messages, self.events, self.log = WriteBatch(), [], [], []

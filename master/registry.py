@@ -9,12 +9,15 @@ connection is gone, takes the name over and reconciles its attempts.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from bus import vocab
+from bus.codec import encode
 from master.agents import AgentConn
 from master.config import MasterConfig
 from master.metrics import MasterMetrics
@@ -33,6 +36,7 @@ MAX_TEXT = {"version": 64, "instance": 64, "cgroup": 32, "limits": 32}
 MAX_RESOURCES = 32
 MAX_REPORTED = 10_000  # HELLO.running and HELLO.results entries
 NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ : @ -, starting with a letter or digit"
+_HEARTBEAT = encode("HEARTBEAT", {})  # the master's heartbeat, encoded once: frames never change
 
 
 def check_hello(body: dict[str, Any]) -> str | None:
@@ -69,7 +73,12 @@ def _attempts(running: list[Any]) -> int:
 
 
 class AgentRegistry:
-    """Connected agents by connection and by name, plus the drained names."""
+    """Connected agents by connection and by name, plus the drained names.
+
+    Nothing a loop turn does walks every connection: liveness keeps a deadline heap (one entry
+    per connection, at the earliest time it may need a heartbeat or be dead; looked at again
+    only then), and DONE_ACKs are sent for the connections that got a DONE this turn.
+    """
 
     def __init__(self, cfg: MasterConfig, outbox: Outbox, metrics: MasterMetrics,
                  instance: str = "ffrtmp") -> None:
@@ -83,6 +92,12 @@ class AgentRegistry:
         # Is this connection still there? (the server tries a send; pure tests say no)
         self.probe: Callable[[bytes], bool] = lambda ident: False
         self._told: set[tuple[str, str]] = set()  # (name, instance) refusals already logged
+        # (when, seq, conn): when the connection may next need a HEARTBEAT from us or be dead.
+        # An entry is current if `when` is its connection's `wake`; others are skipped.
+        self._wakes: list[tuple[float, int, AgentConn]] = []
+        self._seq = itertools.count()
+        self._acking: list[AgentConn] = []  # connections with acks for this turn's DONE_ACK
+        self.visited = 0  # connections looked at by liveness and flush_acks so far (tests)
 
     # ---- reads ------------------------------------------------------------------------------
 
@@ -185,6 +200,7 @@ class AgentRegistry:
                          instance=instance)
         self._conns[ident] = conn
         self._by_name[name] = conn
+        self._arm(conn)
         self.out.send(AGENT, ident, "WELCOME", {"heartbeat_s": self.cfg.heartbeat_s,
                                                 "liveness": self.cfg.liveness,
                                                 "master": self.instance})
@@ -223,6 +239,8 @@ class AgentRegistry:
         conn.jobs.add(job_id)
         conn.credit -= 1
         conn.last_sent = now
+        if now + self.cfg.heartbeat_s < conn.wake:  # only a clock going back: look again sooner
+            self._arm(conn)
 
     def hold(self, conn: AgentConn, job_id: int) -> None:
         """The agent still runs this attempt (HELLO reconciliation)."""
@@ -236,37 +254,73 @@ class AgentRegistry:
 
     def ack(self, conn: AgentConn, job_id: int, attempt: int) -> None:
         """A DONE to acknowledge in this turn's DONE_ACK."""
+        if not conn.acks:
+            self._acking.append(conn)
         conn.acks.append([job_id, attempt])
 
     def flush_acks(self) -> None:
-        """One DONE_ACK per agent per turn."""
-        for conn in self._conns.values():
-            if conn.acks:
+        """One DONE_ACK per agent per turn, for the agents that sent a DONE this turn only (a
+        connection dropped meanwhile is gone: its acks go nowhere, as they never did)."""
+        if not self._acking:
+            return
+        acking, self._acking = self._acking, []
+        self.visited += len(acking)
+        for conn in acking:
+            if conn.acks and self._conns.get(conn.ident) is conn:
                 self.out.send(AGENT, conn.ident, "DONE_ACK", {"acks": conn.acks})
-                conn.acks = []
+            conn.acks = []
 
     # ---- liveness, drop, drain --------------------------------------------------------------
 
     def seen(self, conn: AgentConn, now: float) -> None:
         """Any message counts as a heartbeat."""
         conn.last_seen = now
+        if now + self.cfg.dead_after_s < conn.wake:  # only a clock going back: look sooner
+            self._arm(conn)
 
     def seen_all(self, now: float) -> None:
         """Our own silence (a stalled commit) is not the agents' death."""
         for conn in self._conns.values():
             conn.last_seen = now
 
+    def _arm(self, conn: AgentConn) -> None:
+        """(Re)schedule a look at this connection: the earliest time it may be dead or need a
+        heartbeat. Its times only move forward, so an entry is never late, at worst early."""
+        when = min(conn.last_seen + self.cfg.dead_after_s, conn.last_sent + self.cfg.heartbeat_s)
+        if when < conn.wake:
+            conn.wake = when
+            heapq.heappush(self._wakes, (when, next(self._seq), conn))
+
     def liveness(self, now: float) -> list[AgentConn]:
-        """Send due heartbeats; return the connections silent past dead_after_s."""
-        dead = []
-        for conn in self._conns.values():
-            if now - conn.last_seen > self.cfg.dead_after_s:
+        """Send due heartbeats; return the connections silent past dead_after_s.
+
+        Only the connections whose deadline has come are looked at (each is looked at about
+        once per heartbeat interval, whatever the number of messages or turns); the verdict is
+        the one a walk over every connection at `now` would give.
+        """
+        dead: list[AgentConn] = []
+        wakes = self._wakes
+        if not wakes or wakes[0][0] > now:
+            return dead
+        again = []
+        dead_after, every = self.cfg.dead_after_s, self.cfg.heartbeat_s
+        while wakes and wakes[0][0] <= now:
+            when, _, conn = heapq.heappop(wakes)
+            if when != conn.wake or self._conns.get(conn.ident) is not conn:
+                continue  # replaced by an earlier entry, or the connection is gone
+            self.visited += 1
+            conn.wake = float("inf")
+            if now - conn.last_seen > dead_after:
                 log.warning("agent %s silent for %.1fs: lost", conn.name,
                             now - conn.last_seen)
                 dead.append(conn)
-            elif now - conn.last_sent >= self.cfg.heartbeat_s:
+                continue
+            if now - conn.last_sent >= every:
                 conn.last_sent = now
-                self.out.send(AGENT, conn.ident, "HEARTBEAT", {})
+                self.out.send_frames(AGENT, conn.ident, _HEARTBEAT)
+            again.append(conn)
+        for conn in again:  # after the loop: a connection due at `now` again waits a turn
+            self._arm(conn)
         return dead
 
     def drop(self, conn: AgentConn, wall: float, lost: bool) -> list[int]:
@@ -274,6 +328,7 @@ class AgentRegistry:
         if self._conns.get(conn.ident) is not conn:
             return []
         del self._conns[conn.ident]
+        conn.wake = float("inf")  # its heap entry is stale now
         if self._by_name.get(conn.name) is conn:
             del self._by_name[conn.name]
         held = sorted(conn.jobs)

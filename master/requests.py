@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgpack
+
 from bus import vocab
 from bus.codec import Message, echo_rid, encode
 from bus.errors import FfrtmpError
@@ -15,6 +17,7 @@ from master.outbox import CLIENT
 from master.spec import (
     ScenarioCheck,
     SpecError,
+    Validated,
     as_submitted,
     expand_outputs,
     resubmittable,
@@ -31,7 +34,7 @@ MAX_NODES = 1000
 MAX_LIST = 1000
 MAX_EVENTS = 10_000  # events per EVENTS reply
 MAX_EVENT_IDS = 500  # jobs an EVENTS may filter by: one indexed query (more: read the stream)
-PROTOCOL = "1.2"
+PROTOCOL = "1.3"
 INT64 = range(-(2**63), 2**63)  # what the database can compare ids with (msgpack goes to 2^64-1)
 
 
@@ -103,11 +106,18 @@ class Requests:
             raise RequestError("bad_body", "idempotency_key: at most 200 characters, no NUL "
                                            f"(got {len(key)} characters)")
         checked = []
+        # Each distinct spec is validated once: the copies share one validated spec (never
+        # modified afterwards), so it is also packed and JSON-encoded once per turn.
+        distinct: dict[bytes, Validated] = {}
         for i, raw in enumerate(specs):
-            try:
-                checked.append(validate_spec(raw, self.scenarios))
-            except SpecError as e:
-                raise RequestError(e.code, f"specs[{i}].{e}") from e
+            seen = msgpack.packb(raw)  # it was decoded from msgpack: it packs
+            v = distinct.get(seen)
+            if v is None:
+                try:
+                    v = distinct[seen] = validate_spec(raw, self.scenarios)
+                except SpecError as e:
+                    raise RequestError(e.code, f"specs[{i}].{e}") from e
+            checked.append(v)
         wanted = [v.spec for v in checked]
         if key is not None:
             known = self.pending_keys.get(key) or self._stored_key(key)

@@ -121,6 +121,10 @@ class Scheduler:
         self._counts[job.priority] -= 1
         return job
 
+    def waiting(self) -> bool:
+        """Is any job queued (not delayed)? O(priorities)."""
+        return any(n > 0 for n in self._counts)
+
     def depth(self) -> dict[str, int]:
         """Jobs waiting in the queues (not delayed) by priority name."""
         return {PRIORITY_NAMES[p]: max(0, n) for p, n in enumerate(self._counts)}

@@ -25,6 +25,7 @@ from bus.sockets import (
     CLIENT_HARD_MAX,
     CLIENT_MAX_MSG,
     BindError,
+    Subscriptions,
     bind_pub,
     bind_router,
     check_http_bind,
@@ -189,6 +190,7 @@ class Master:
         self.agents: zmq.Socket | None = None
         self.clients: zmq.Socket | None = None
         self.events: zmq.Socket | None = None
+        self.subscriptions = Subscriptions()  # what the events socket's subscribers take
         self.metrics_server: Any = None
         self.security: MasterSecurity | None = None
         self._trim_due = False  # an oversize message passed through the heap
@@ -290,9 +292,7 @@ class Master:
     def _standby(self) -> int | None:
         """Serve as a standby until this process leads (its epoch) or is stopped (None)."""
         assert self.agents is not None and self.clients is not None
-        poller = zmq.Poller()
-        poller.register(self.agents, zmq.POLLIN)
-        poller.register(self.clients, zmq.POLLIN)
+        poller = self._poller()
         interval = min(0.5, self.cfg.dead_after_s / 4)
         next_stats = time.monotonic()
         next_try = max(next_stats, self._next_try)
@@ -328,7 +328,24 @@ class Master:
                         self._send_now(self.agents, ident, "ERROR", self._not_leader(None, None))
             if self.clients in ready:
                 self._standby_clients()
+            if self.events in ready:
+                self._read_subscriptions()
         return None
+
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        for sock in (self.agents, self.clients, self.events):
+            poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def _read_subscriptions(self, most: int = 10_000) -> None:
+        """The events socket's (un)subscriptions waiting, at most `most` a turn."""
+        assert self.events is not None
+        for _ in range(most):
+            try:
+                self.subscriptions.update(self.events.recv(_NOBLOCK))
+            except zmq.Again:
+                return
 
     def _standby_clients(self) -> None:
         """A standby answers STATS with its role and every other request not_leader (or
@@ -389,6 +406,7 @@ class Master:
         self.requests = Requests(self.core, store, self.scenarios,
                                  leader=self.endpoints.view(self.instance, epoch))
         self.core.agents.probe = self._probe
+        self.core.out.subscriptions = self.subscriptions
         self.retention = Retention(store, self.metrics, cfg.retention_days,
                                    cfg.retention_interval_s, cfg.retention_batch,
                                    agent_retention_s=cfg.agent_retention_s)
@@ -440,9 +458,7 @@ class Master:
     def _serve(self) -> None:
         assert self.agents is not None and self.clients is not None
         now = time.monotonic()
-        poller = zmq.Poller()
-        poller.register(self.agents, zmq.POLLIN)
-        poller.register(self.clients, zmq.POLLIN)
+        poller = self._poller()
         next_flush = next_stats = now
         self.maintenance.start()
         while not self._stop.is_set():
@@ -455,6 +471,8 @@ class Master:
             self._drop_unreachable(now, wall)
             if self.clients in ready:
                 self._serve_clients(now, wall)
+            if self.events in ready:  # before this turn's output is made
+                self._read_subscriptions()
             self.core.tick(now, wall)
             if now >= next_flush:
                 self.core.flush_progress(wall)
@@ -629,6 +647,8 @@ class Master:
                 _send_frames(self.events, frames)
             except zmq.Again:
                 pass
+        if published:
+            self.metrics.messages.labels("events", "out").inc(len(published))
 
     def _drop_unreachable(self, now: float, wall: float) -> None:
         """Agents a send failed to are gone, unless a HELLO read since replaced the connection.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -23,7 +24,7 @@ from storage.rows import (
     job_insert_params,
     job_update_groups,
 )
-from storage.writers import ID_MARK_KEY, SEQ_MARK_KEY, BulkWriter
+from storage.writers import FENCED_TEXT, ID_MARK_KEY, SEQ_MARK_KEY, BulkWriter
 
 # Ids per IN list in reads, well under SQLite's bound-parameter limit.
 _READ_CHUNK = 500
@@ -118,6 +119,10 @@ class Store:
             deletes = list(batch.deletes)
             forgets = list(batch.forgets)
             w = self._writer
+            script = getattr(w, "script", None)
+            if script is not None and not deletes and not forgets:
+                self._one_trip(script, inserts, groups, events, agents)
+                return
             with self.db.atomic():
                 cur = self.db.cursor()
                 if self.epoch is not None:
@@ -142,6 +147,27 @@ class Store:
                     w.delete_terminal_jobs(cur, deletes)
                 if forgets:
                     w.forget_agents(cur, forgets)
+
+    def _one_trip(self, script: Any, inserts: list[Any], groups: dict[Any, Any],
+                  events: list[Any], agents: list[Any]) -> None:
+        """The batch as one query string (PostgreSQL: one round trip for the whole commit);
+        on any error the transaction is rolled back, a failed epoch check raises Fenced."""
+        conn = self.db.connection()
+        cur = conn.cursor()
+        try:
+            cur.execute(script(cur, self.epoch, inserts, groups, events, agents))
+        except self.errors as e:
+            with contextlib.suppress(*self.errors):
+                if not conn.closed:
+                    cur.execute("ROLLBACK")
+            text = str(getattr(e, "pgerror", "") or e)
+            if FENCED_TEXT in text:
+                found = text.split(FENCED_TEXT, 1)[1].split()[0] if text else "?"
+                raise Fenced(f"commit refused: this master's epoch is {self.epoch}, the "
+                             f"database's {found}: another master leads") from e
+            raise
+        finally:
+            cur.close()
 
     def fence(self, epoch: int | None) -> None:
         """Check from now on, inside every apply(), that the leader row's epoch is `epoch`

@@ -40,6 +40,33 @@ def decode_json(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
 
+_FLAT = (str, int, float, bool, type(None))
+
+
+class _Texts:
+    """JSON texts of one batch's values, each distinct value encoded once: the same object
+    (the copies of one SUBMIT share a spec), or a flat map of equal items (`extra`)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Any, str | None]] = {}
+        self._flat: dict[tuple[Any, ...], str | None] = {}
+
+    def __call__(self, value: Any) -> str | None:
+        known = self._by_id.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1]
+        if isinstance(value, dict) and len(value) <= 8 \
+                and all(type(v) in _FLAT for v in value.values()):
+            key = tuple((k, type(v), v) for k, v in value.items())  # True is not 1 here
+            text = self._flat.get(key)
+            if text is None:
+                text = self._flat[key] = encode_json(value)
+            return text
+        text = encode_json(value)
+        self._by_id[id(value)] = (value, text)
+        return text
+
+
 def _check_keys(kind: str, row: Mapping[str, Any], allowed: frozenset[str],
                 required: frozenset[str]) -> None:
     unknown = row.keys() - allowed
@@ -53,14 +80,22 @@ def _check_keys(kind: str, row: Mapping[str, Any], allowed: frozenset[str],
 def job_insert_params(rows: Iterable[Mapping[str, Any]]) -> list[Params]:
     """One tuple per job row, in JOB_COLUMNS order, defaults filled and JSON encoded."""
     out = []
+    texts = _Texts()
+    shapes: set[tuple[str, ...]] = set()  # key sets already checked (rows of one shape)
     for row in rows:
-        _check_keys("job insert", row, _JOB_SET, JOB_REQUIRED)
+        shape = tuple(row)
+        if shape not in shapes:
+            _check_keys("job insert", row, _JOB_SET, JOB_REQUIRED)
+            shapes.add(shape)
         if row["id"] is None:
             raise StorageError("job insert needs an explicit id (the master allocates ids)")
-        out.append(tuple(
-            encode_json(row.get(c)) if c in JOB_JSON else row.get(c, JOB_DEFAULTS.get(c))
-            for c in JOB_COLUMNS
-        ))
+        params = []
+        for c in JOB_COLUMNS:
+            if c in JOB_JSON:
+                params.append(texts(row.get(c)))
+            else:
+                params.append(row.get(c, JOB_DEFAULTS.get(c)))
+        out.append(tuple(params))
     return out
 
 
@@ -69,15 +104,17 @@ def job_update_groups(
 ) -> dict[tuple[str, ...], list[Params]]:
     """Group updates by their (sorted) column set: columns -> [(id, value, …), …]."""
     groups: dict[tuple[str, ...], list[Params]] = {}
+    texts = _Texts()
     for job_id, fields in updates.items():
         if not fields:
             continue
         cols = tuple(sorted(fields))
-        if "id" in fields:
-            raise StorageError(f"update of job {job_id} tries to change its id")
-        _check_keys(f"update of job {job_id}", fields, _JOB_SET, frozenset())
+        if cols not in groups:  # each column set is checked once
+            if "id" in fields:
+                raise StorageError(f"update of job {job_id} tries to change its id")
+            _check_keys(f"update of job {job_id}", fields, _JOB_SET, frozenset())
         values = tuple(
-            encode_json(fields[c]) if c in JOB_JSON else fields[c] for c in cols
+            texts(fields[c]) if c in JOB_JSON else fields[c] for c in cols
         )
         groups.setdefault(cols, []).append((job_id, *values))
     return groups
@@ -88,6 +125,9 @@ def event_params(batch: WriteBatch) -> list[Params]:
     job's creation event is one of them, written by whoever inserts the job)."""
     out: list[Params] = []
     for ev in batch.events:
+        if tuple(ev) == EVENT_COLUMNS:  # every column, in order: the master's own rows
+            out.append(tuple(ev.values()))
+            continue
         _check_keys("job event", ev, _EVENT_SET, EVENT_REQUIRED)
         out.append(tuple(ev.get(c, EVENT_DEFAULTS.get(c)) for c in EVENT_COLUMNS))
     return out

@@ -32,6 +32,14 @@ _ID_MARK = (
     "SET value = excluded.value WHERE CAST(meta.value AS BIGINT) < CAST(excluded.value AS BIGINT)"
 )
 _TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
+# The epoch check of a one-trip transaction (PostgresWriter.script): FOR SHARE waits for a new
+# leader's UPDATE of the row and then sees its epoch (READ COMMITTED), as Backend.fence_sql.
+FENCED_TEXT = "ffrtmp fenced: the database's epoch is"
+_FENCE_DO = (
+    "DO $$DECLARE e bigint; BEGIN SELECT epoch INTO e FROM leader WHERE id = 1 FOR SHARE; "
+    "IF e IS DISTINCT FROM {epoch} THEN RAISE EXCEPTION '" + FENCED_TEXT.replace("'", "''")
+    + " %', e; END IF; END$$"
+)
 # Agent records that may be forgotten: an agent that came back since stays.
 _GONE = ", ".join(f"'{s}'" for s in AGENT_GONE)
 
@@ -139,6 +147,44 @@ class PostgresWriter:
         """Insert or update agent rows given in AGENT_COLUMNS order."""
         self._values(cur, f"INSERT INTO agents ({_AGENT_COLS}) VALUES %s {_AGENT_UPSERT}",
                        rows, page_size=PG_PAGE)
+
+    def script(self, cur: Any, epoch: int | None, inserts: Sequence[Params],
+               groups: dict[tuple[str, ...], list[Params]], events: Sequence[Params],
+               agents: Sequence[Params]) -> bytes:
+        """One turn's whole transaction as one query string, sent in one round trip:
+        BEGIN, the epoch check (a DO block that raises FENCED_TEXT), the same statements as
+        the methods above build, COMMIT. The rows are escaped client-side (mogrify), as
+        execute_values does; an error aborts the rest and leaves the transaction to roll back.
+        """
+        values = self._rows_sql
+        parts = [b"BEGIN"]
+        if epoch is not None:
+            parts.append(_FENCE_DO.format(epoch=int(epoch)).encode())
+        if inserts:
+            parts.append(f"INSERT INTO jobs ({_JOB_COLS}) VALUES ".encode()
+                         + values(cur, inserts))
+            parts.append(cur.mogrify(_ID_MARK.format(p="%s"),
+                                     (ID_MARK_KEY, str(max(r[0] for r in inserts)))))
+        for cols, rows in groups.items():
+            template = "(" + ", ".join(f"%s::{JOB_PG_TYPES[c]}" for c in ("id", *cols)) + ")"
+            sets = ", ".join(f"{c} = v.{c}" for c in cols)
+            names = ", ".join(("id", *cols))
+            parts.append(f"UPDATE jobs SET {sets} FROM (VALUES ".encode()
+                         + values(cur, rows, template)
+                         + f") AS v({names}) WHERE jobs.id = v.id".encode())
+        if events:
+            parts.append(f"INSERT INTO job_events ({_EVENT_COLS}) VALUES ".encode()
+                         + values(cur, events))
+        if agents:
+            parts.append(f"INSERT INTO agents ({_AGENT_COLS}) VALUES ".encode()
+                         + values(cur, agents) + f" {_AGENT_UPSERT}".encode())
+        parts.append(b"COMMIT")
+        return b";\n".join(parts)
+
+    @staticmethod
+    def _rows_sql(cur: Any, rows: Sequence[Params], template: str | None = None) -> bytes:
+        mark = template or "(" + ", ".join(["%s"] * len(rows[0])) + ")"
+        return b",".join([cur.mogrify(mark, row) for row in rows])
 
     def delete_terminal_jobs(self, cur: Any, ids: Sequence[int]) -> None:
         """Delete those of ids that are terminal jobs, with their events; live jobs stay."""

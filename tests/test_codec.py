@@ -114,8 +114,8 @@ def code_of(frames: list[bytes], schemas: dict[str, Schema], **kw: Any) -> str:
 
 
 def test_header_and_constants() -> None:
-    assert HEADER == b"FFR\x01\x02"
-    assert PROTOCOL_VERSION == (1, 2)
+    assert HEADER == b"FFR\x01\x03"
+    assert PROTOCOL_VERSION == (1, 3)
     assert MAX_COMMAND_LEN == 16
     assert MAX_DEPTH == 32
     assert DEFAULT_MAX_BODY == 8 * 1024 * 1024

@@ -82,7 +82,7 @@ def test_events_request_reads_the_log_in_seq_order_paged_and_filtered(cluster: C
 
 def test_info_names_the_events_endpoint_and_the_head(cluster: Cluster) -> None:
     info = cluster.client.info()
-    assert info["version"] == "1.2" and info["events"] == cluster.events_ep
+    assert info["version"] == "1.3" and info["events"] == cluster.events_ep
     assert isinstance(info["head"], int) and len(info["master"]) == 16
     assert info["limits"]["specs"] == 10_000 and info["limits"]["events"] == 10_000
     assert cluster.client.events_endpoint() == cluster.events_ep
