@@ -1,24 +1,26 @@
-"""`ffrtmp agent`: parse options, build the config, run the loop."""
+"""`ffrtmp agent`: parse options, build the config, run the loop.
+
+Only what the parser needs is imported with this module (it is part of every `ffrtmp`
+command's grammar); the agent itself (cgroups, ffmpeg, metrics, the loop) when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.admission import Reservation
-from agent.cgroups import MODES, POLICIES, CgroupError
-from agent.config import AgentConfig
-from agent.ffmpeg.discovery import NoFFmpeg
-from agent.ffmpeg.netpolicy import NetPolicy
-from agent.host import discover
-from agent.loop import Agent
-from agent.metrics import METRICS_HOST, METRICS_PORT, MetricsError
-from agent.workdir import WorkDirBusy, WorkDirLock
-from bus.security import KeyMaterialError, PeerKeys, load_peer
-from bus.sockets import DEFAULT_AGENTS, BindError, EndpointError, endpoint, is_loopback
+from agent.defaults import CGROUP_MODES as MODES
+from agent.defaults import LIMIT_POLICIES as POLICIES
+from agent.defaults import METRICS_HOST, METRICS_PORT
+from bus.sockets import DEFAULT_AGENTS, EndpointError, endpoint, is_loopback
+
+if TYPE_CHECKING:
+    from agent.workdir import WorkDirLock
+    from bus.security import PeerKeys
 
 log = logging.getLogger("ffrtmp.agent")
 MAX_PER_HOST = 64  # default names NAME, NAME-2, ... NAME-64
@@ -99,11 +101,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def default_name(key_file: str | None) -> str:
     """The agent's name when --name is not given: with CURVE the master binds a name to its key
     (DIR/private/NAME.key_secret is agent NAME), so the key's name; else the host name."""
+    import socket
+
     stem = Path(key_file).name.removesuffix(".key_secret") if key_file else ""
     return stem or socket.gethostname()
 
 
 def _claim(work_dir: Path) -> WorkDirLock | None:
+    from agent.workdir import WorkDirBusy, WorkDirLock
+
     try:
         return WorkDirLock.claim(work_dir)
     except WorkDirBusy:
@@ -164,6 +170,9 @@ def check_masters(targets: str, keys: PeerKeys | None, insecure: bool) -> tuple[
 
 def run(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM/SIGINT (a second one stops running jobs at once)."""
+    from agent.ffmpeg.netpolicy import NetPolicy
+    from bus.security import KeyMaterialError, load_peer
+
     if args.slots < 1:
         raise SystemExit("ffrtmp agent: --slots must be at least 1")
     if not 0 <= args.job_nice <= 19:
@@ -194,6 +203,14 @@ def _serve(args: argparse.Namespace, keys: PeerKeys | None, masters: tuple[str, 
            allow_url: object,
            name: str,
            work_dir: Path) -> int:
+    from agent.cgroups import CgroupError
+    from agent.config import AgentConfig
+    from agent.ffmpeg.discovery import NoFFmpeg
+    from agent.host import discover
+    from agent.loop import Agent
+    from agent.metrics import MetricsError
+    from bus.sockets import BindError
+
     metrics_auto = args.metrics is None
     metrics = None if args.metrics in ("off", "", "none") else \
         args.metrics or f"{METRICS_HOST}:{METRICS_PORT}"

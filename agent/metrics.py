@@ -21,6 +21,7 @@ from prometheus_client import start_http_server as _start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.defaults import METRICS_HOST
 from bus.vocab import REASONS, STATUSES
 
 log = logging.getLogger("ffrtmp.agent")
@@ -28,7 +29,6 @@ log = logging.getLogger("ffrtmp.agent")
 TURN_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 RUN_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 MB = 2**20
-METRICS_HOST, METRICS_PORT = "127.0.0.1", 9471  # the default --metrics
 
 
 class MetricsError(Exception):
@@ -53,7 +53,7 @@ class AgentMetrics:
         self.stale = Counter("ffrtmp_agent_stale_master_messages_total",
                              "Messages of a deposed master (an epoch older than one seen), "
                              "ignored, by command", ["command"], registry=registry)
-        for command in ("WELCOME", "JOB", "DONE_ACK", "CANCEL"):
+        for command in ("WELCOME", "JOB", "JOBS", "DONE_ACK", "CANCEL"):
             self.stale.labels(command)
         self.turn_seconds = Histogram("ffrtmp_agent_loop_turn_seconds",
                                       "Duration of the agent loop's turns (its heartbeat waits "

@@ -21,16 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
-from zmq.utils import z85
 
 from bus.vocab import ROLE_OPERATE, ROLE_SUBMIT
 
@@ -125,6 +121,8 @@ def _write_atomic(path: Path, text: str, mode: int) -> None:
 
     The file is never visible with a wider mode than `mode`, and a failure leaves no temp file.
     """
+    import tempfile  # `ffrtmp keys generate` only: a client never writes keys
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="ascii") as f:
@@ -196,9 +194,11 @@ def generate(directory: Path, agents: Sequence[str], clients: Sequence[str], *,
 
 def load_peer(secret_file: str, master_public_file: str) -> PeerKeys:
     """A peer's keys from its secret certificate and the master's public certificate."""
+    from zmq.auth import load_certificate  # only with keys: a keyless client never reads one
+
     try:
-        public, secret = zmq.auth.load_certificate(secret_file)
-        server_public, _ = zmq.auth.load_certificate(master_public_file)
+        public, secret = load_certificate(secret_file)
+        server_public, _ = load_certificate(master_public_file)
     except (OSError, ValueError) as e:
         raise KeyMaterialError(f"cannot load keys: {e}") from e
     if secret is None:
@@ -249,6 +249,8 @@ class AllowList:
         stamp = self._stat()
         if stamp == self._stamp and self._settled:
             return
+        from zmq.auth import load_certificate  # not with the module: clients never read lists
+
         now_ns = time.time_ns()  # compared with file mtimes, so wall-clock time
         self._settled = all(s is None or now_ns - s[0] > _SETTLE_NS for s in stamp)
         changed = stamp != self._stamp
@@ -263,7 +265,7 @@ class AllowList:
             for path in sorted(folder.glob("*.key")):
                 try:
                     peer = Peer(role, check_name(path.stem))
-                    public, _ = zmq.auth.load_certificate(path)
+                    public, _ = load_certificate(path)
                 except (KeyMaterialError, OSError, ValueError) as e:
                     if changed:
                         log.warning("ignoring key file %s: %s", path, e)
@@ -289,53 +291,15 @@ class AllowList:
         return self._peers.get(z85_key)
 
 
-class _Authenticator(ThreadAuthenticator):
-    """pyzmq's ZAP thread with our allow-lists as its CURVE credentials provider and a User-Id
-    that names the peer.
-
-    pyzmq calls callback() and, if it admits the key, curve_user_id() next for the same request
-    on the same thread; the peer found by the one is handed to the other, checked by key.
-    """
-
-    def __init__(self, ctx: zmq.Context, lists: dict[str, AllowList]) -> None:
-        super().__init__(ctx)
-        self.lists = lists
-        self._admitted: tuple[bytes, Peer] | None = None
-        self._warned: set[tuple[str, bytes]] = set()
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        """Admit a Z85 public key on a ZAP domain (pyzmq credentials-provider protocol)."""
-        self._admitted = None
-        try:
-            allow = self.lists.get(domain)
-            peer = allow.lookup(key) if allow is not None else None
-        except Exception:  # an exception here would end the ZAP thread: refuse instead
-            log.exception("ZAP check failed on domain %s; refusing", domain)
-            return False
-        if peer is None:
-            if len(self._warned) < _MAX_WARNED and (domain, key) not in self._warned:
-                self._warned.add((domain, key))
-                log.warning("refused CURVE key %s on domain %s: not in its allow-list",
-                            key.decode(errors="replace"), domain)
-            return False
-        self._admitted = (key, peer)
-        return True
-
-    def curve_user_id(self, client_public_key: bytes) -> str:
-        """The User-Id of the key callback() just admitted: "role:name"."""
-        admitted, self._admitted = self._admitted, None
-        if admitted is None or admitted[0] != z85.encode(client_public_key):
-            return "unknown:"  # cannot happen; parse_user_id rejects it, so it fails closed
-        return admitted[1].user_id
-
-
 class MasterSecurity:
     """The master's CURVE server keys and its ZAP authenticator thread."""
 
     def __init__(self, ctx: zmq.Context, directory: str) -> None:
+        from zmq.auth import load_certificate
+
         root = Path(directory)
         try:
-            self.public, secret = zmq.auth.load_certificate(root / "master.key_secret")
+            self.public, secret = load_certificate(root / "master.key_secret")
         except (OSError, ValueError) as e:
             raise KeyMaterialError(f"cannot load master keys from {root}: {e}") from e
         if secret is None:
@@ -347,7 +311,9 @@ class MasterSecurity:
         self.lists = {domain: AllowList(root, domain) for domain in FOLDERS}
         for allow in self.lists.values():
             allow.refresh()  # bad files are reported at start, not at the first connection
-        self.auth = _Authenticator(ctx, self.lists)
+        from bus.zap import Authenticator  # the ZAP thread imports asyncio: only a master needs it
+
+        self.auth = Authenticator(ctx, self.lists)
         self.auth.start()
         for domain in self.lists:
             self.auth.configure_curve_callback(domain, credentials_provider=self.auth)

@@ -1,4 +1,9 @@
-"""The `ffrtmp` entry point: parse, dispatch to the package that owns the subcommand."""
+"""The `ffrtmp` entry point: parse, dispatch to the package that owns the subcommand.
+
+Every subcommand's module is imported to build the grammar, so each keeps its heavy imports
+(the master, the store, the agent, Textual, the bench) inside the function that runs it: a
+client command such as `ffrtmp jobs list` loads only the bus client (tests/test_cli_start.py).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,8 @@ from bus.security import KeyMaterialError, load_peer
 from bus.sockets import DEFAULT_CLIENTS, EndpointError, endpoint
 from ffrtmp import client_cli, demo, keys, logs, scenarios_cli
 from master import cli as master_cli
-from storage import StorageError
 from storage import cli as db_cli
+from storage.errors import StorageError
 from tui import cli as tui_cli
 
 ENVIRONMENT = """\

@@ -9,7 +9,6 @@ import shlex
 import shutil
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
@@ -171,6 +170,8 @@ def cmd_submit(args: argparse.Namespace, client: Client) -> int:
     ids: list[int] = []
     # Always a key: a SUBMIT resent to another master (a failover mid-call) then makes its
     # jobs once. Without --idempotency-key, one of this invocation's own.
+    import uuid  # submit only
+
     base = args.idempotency_key or uuid.uuid4().hex
     for start in range(0, args.count, SUBMIT_CHUNK):
         n = min(SUBMIT_CHUNK, args.count - start)

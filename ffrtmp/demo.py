@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.cluster import LocalCluster
 from bus.client import Client, Subscriber
 from bus.vocab import COMPLETED, RUNNING, TERMINAL
 from ffrtmp.render import bar, human_bytes
@@ -37,6 +35,10 @@ def demo_specs() -> list[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; exit 0 if every job completed."""
+    import tempfile
+
+    from bench.cluster import LocalCluster  # psutil: only when the demo runs
+
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="ffrtmp-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(f"sqlite:///{workdir}/demo.db", agents=2, slots=2, workdir=workdir,

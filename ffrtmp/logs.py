@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import re
 import sys
 from datetime import datetime, timezone
@@ -91,7 +90,9 @@ def setup(level: str = "info", fmt: str = "text", path: str | None = None) -> No
         raise ValueError(f"log format {fmt!r}: expected one of {', '.join(FORMATS)}")
     handler: logging.Handler
     if path:
-        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        from logging.handlers import WatchedFileHandler  # only with --log-file
+
+        handler = WatchedFileHandler(path, encoding="utf-8")
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

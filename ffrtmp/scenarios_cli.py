@@ -12,18 +12,10 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bus.scenarios import (
-    BUILTIN,
-    CONTAINERS,
-    CRF_MAX,
-    PRESETS_BY_ENCODER,
-    Preset,
-    ScenarioError,
-)
-from master.scenarios import load_presets
-from master.spec import WORKLOADS
+if TYPE_CHECKING:  # imported when a scenarios command runs, not with `ffrtmp`'s grammar
+    from bus.scenarios import Preset
 
 FFMPEG, WORKLOAD = "ffmpeg", "workload"
 
@@ -93,6 +85,8 @@ class Override:
 def overrides(preset: Preset) -> list[Override]:
     """The params an ffmpeg scenario accepts (bus.scenarios.apply_overrides), with the bounds
     the master's check enforces for this preset."""
+    from bus.scenarios import CRF_MAX, PRESETS_BY_ENCODER
+
     out: list[Override] = []
     video = preset.encoder is not None
     if video:
@@ -147,6 +141,10 @@ def describe(preset: Preset) -> str:
 def catalogue(toml_path: str | None) -> dict[str, dict[str, Any]]:
     """Every scenario and workload a master started with `--scenarios toml_path` accepts,
     by name, as the JSON objects `scenarios list --json` prints (workloads first)."""
+    from bus.scenarios import BUILTIN
+    from master.scenarios import load_presets
+    from master.spec import WORKLOADS
+
     out: dict[str, dict[str, Any]] = {}
     for name, bounds in WORKLOADS.items():
         params = [Override(key, *WORKLOAD_PARAMS.get((name, key), ("", None)), lo, hi).to_json()
@@ -198,6 +196,8 @@ def _default(value: Any) -> str:
 
 def cmd_scenarios(args: argparse.Namespace) -> int:
     """scenarios list|show."""
+    from bus.scenarios import CONTAINERS, ScenarioError
+
     try:
         entries = catalogue(args.scenarios)
     except ScenarioError as e:

@@ -1,4 +1,8 @@
-"""`ffrtmp master`: parse options, build the config, run the loop."""
+"""`ffrtmp master`: parse options, build the config, run the loop.
+
+Only what the parser needs is imported with this module (it is part of every `ffrtmp`
+command's grammar); the master itself, its store and scenarios when it runs.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,7 @@ import argparse
 import logging
 import os
 
-from bus.scenarios import ScenarioError
-from bus.security import KeyMaterialError
-from bus.sockets import DEFAULT_AGENTS, DEFAULT_CLIENTS, DEFAULT_EVENTS, BindError
-from master.config import MasterConfig
-from master.leader import LeaderConflict
-from master.scenarios import load_presets, make_checks
-from master.server import Master
-from master.sla import SlaPolicy
-from storage import default_db_url
+from bus.sockets import DEFAULT_AGENTS, DEFAULT_CLIENTS, DEFAULT_EVENTS
 
 log = logging.getLogger("ffrtmp.master")
 
@@ -72,6 +68,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the master until SIGTERM/SIGINT."""
+    from bus.scenarios import ScenarioError
+    from bus.security import KeyMaterialError
+    from bus.sockets import BindError
+    from master.config import MasterConfig
+    from master.leader import LeaderConflict
+    from master.scenarios import load_presets, make_checks
+    from master.server import Master
+    from master.sla import SlaPolicy
+    from storage import default_db_url
+
     cfg = MasterConfig(
         db_url=args.db or os.environ.get("FFRTMP_DB") or default_db_url(),
         agents=args.agents, clients=args.clients, events=args.events, advertise=args.advertise,

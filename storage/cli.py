@@ -6,9 +6,8 @@ import argparse
 import os
 
 from storage.db import default_db_url
-from storage.maintenance import auto_vacuum, cleanup, size_bytes, vacuum
-from storage.migrations import SCHEMA_VERSION
-from storage.repository import Store
+
+# peewee (storage.repository and the rest) is imported by the actions, not with the grammar.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +40,9 @@ def _url(args: argparse.Namespace) -> str:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Open (and so migrate) the database; print its schema version."""
+    from storage.migrations import SCHEMA_VERSION
+    from storage.repository import Store
+
     with Store(_url(args)) as store:
         print(f"{store.url}: schema version {SCHEMA_VERSION}")
     return 0
@@ -48,6 +50,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     """Delete old terminal jobs in batches; print how many."""
+    from storage.maintenance import cleanup
+    from storage.repository import Store
+
     if args.older_than < 0 or args.batch < 1:
         raise SystemExit("ffrtmp db cleanup: --older-than >= 0 and --batch >= 1")
     with Store(_url(args)) as store:
@@ -59,6 +64,9 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 def cmd_vacuum(args: argparse.Namespace) -> int:
     """Full vacuum; print the size before and after."""
+    from storage.maintenance import auto_vacuum, size_bytes, vacuum
+    from storage.repository import Store
+
     with Store(_url(args)) as store:
         before = size_bytes(store)
         vacuum(store)

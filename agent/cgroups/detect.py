@@ -7,8 +7,9 @@ from pathlib import Path
 from agent.cgroups import v1, v2
 from agent.cgroups.base import CgroupBackend, CgroupError, safe_name
 from agent.cgroups.none import NoCgroups
+from agent.defaults import CGROUP_MODES
 
-MODES = ("auto", "v2", "v1", "none")
+MODES = CGROUP_MODES
 
 
 def _read(path: str) -> str:

@@ -7,10 +7,11 @@ from typing import Any
 from agent.cgroups.base import CgroupBackend, Limits, job_key
 from agent.cgroups.disk import DiskWatch
 from agent.cgroups.hook import CgroupHook, Unenforced
+from agent.defaults import LIMIT_POLICIES
 from agent.runner import Hook
 from agent.workloads import UnsupportedJob
 
-POLICIES = ("required", "best-effort")
+POLICIES = LIMIT_POLICIES
 
 
 def limits_of(spec: dict[str, Any], pids_max: int | None = None) -> Limits:
