@@ -149,6 +149,12 @@ def failed(reason: str, text: str) -> Finished:
     return Finished(Result(vocab.FAILED, reason, None, 0.0, {"error": text[:2000]}))
 
 
+def in_agent(spec: Any) -> bool:
+    """True for work done inside the agent with no process and no I/O to prepare (`noop`):
+    the loop prepares it on its own thread instead of handing it to a worker thread."""
+    return isinstance(spec, dict) and spec.get("scenario") == "noop"
+
+
 def prepare(spec: Any, job_id: int, attempt: int, ctx: Context) -> Prepared:
     """Prepare one attempt; never raises.
 

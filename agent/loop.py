@@ -36,7 +36,7 @@ from agent.core import (
     Timing,
 )
 from agent.host import Host
-from agent.kinds import Context, Prepared, failed, prepare
+from agent.kinds import Context, Prepared, failed, in_agent, prepare
 from agent.metrics import AgentMetrics, serve, stop_serving
 from agent.runner import Result
 from bus import vocab
@@ -203,7 +203,10 @@ class Agent:
 
     def _act(self, action: Any, now: float) -> None:
         if isinstance(action, Prepare):
-            self._pool.submit(self._prepare, action)
+            if in_agent(action.spec):  # no I/O: two thread hops would cost more than it
+                self._prepare(action)
+            else:
+                self._pool.submit(self._prepare, action)
         elif isinstance(action, Start):
             try:
                 action.run.start(now)

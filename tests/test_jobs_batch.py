@@ -112,3 +112,12 @@ def test_the_master_sends_jobs_over_the_wire_and_real_agents_run_them(
         assert {j["state"] for j in final.values()} == {"completed"}
     finally:
         cluster.close()
+
+
+def test_only_in_agent_work_is_prepared_on_the_loop_thread() -> None:
+    from agent.kinds import in_agent
+
+    assert in_agent({"scenario": "noop"})
+    for spec in ({"scenario": "sleep"}, {"scenario": "720p-h264", "preset": {}}, "noop", None,
+                 {"scenario": ["noop"]}):
+        assert not in_agent(spec)  # a process or I/O to prepare: a worker thread does it
