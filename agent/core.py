@@ -376,6 +376,7 @@ class AgentCore:
         """A JOBS: each item is a JOB body, checked as a JOB is; a bad one is reported to the
         master (ERROR bad_body) and skipped, the others run."""
         for i, item in enumerate(items):
+            self.granted = max(0, self.granted - 1)  # the master spent a credit on each item
             try:
                 if not isinstance(item, dict):
                     raise ProtocolError("bad_body", f"must be map, got {wire_type(item)}")
@@ -385,7 +386,6 @@ class AgentCore:
                 self._send("ERROR", {"code": "bad_body", "text": f"JOBS.jobs[{i}]: {e.text}"},
                            now)
                 continue
-            self.granted = max(0, self.granted - 1)
             self._job(job["id"], job["attempt"], job["spec"], now)
 
     def _job(self, job_id: int, attempt: int, spec: dict[str, Any], now: float) -> None:

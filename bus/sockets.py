@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from urllib.parse import urlsplit
 
@@ -143,18 +144,21 @@ class Subscriptions:
 
     libzmq (non-verbose XPUB) reports a prefix when its first subscriber takes it and its
     unsubscription when its last subscriber drops it or disconnects, so a set mirrors its
-    subscription tree exactly. `wants(topic)` costs one set lookup per distinct prefix length.
-    Past `most` distinct prefixes (a subscriber flooding the table) it stops keeping count and
-    wants everything from then on, as a plain PUB would: publishing too much is safe, too
-    little is not.
+    subscription tree exactly. Every update costs O(1) (plus a sorted insert when a new prefix
+    length appears; lengths are at most the socket's 1,024-byte message cap); `wants(topic)` one
+    set lookup per distinct prefix length up to the topic's; `touches(family)` for a family
+    given at construction is a counter. Past `most` distinct prefixes (a subscriber flooding
+    the table) it stops keeping count and wants everything from then on, as a plain PUB would:
+    publishing too much is safe, too little is not.
     """
 
-    def __init__(self, most: int = 100_000) -> None:
+    def __init__(self, most: int = 10_000, families: tuple[bytes, ...] = (b"job.",)) -> None:
         self.most = most
         self._prefixes: set[bytes] = set()
         self._lengths: dict[int, int] = {}  # prefix length -> how many prefixes have it
-        self._sorted: tuple[int, ...] = ()  # those lengths, ascending
-        self._under: dict[bytes, bool] = {}  # touches() answers since the last change
+        self._sorted: list[int] = []  # those lengths, ascending
+        # family -> how many prefixes could match one of its topics (touches())
+        self._touching: dict[bytes, int] = dict.fromkeys(families, 0)
         self.overflow = False
 
     def __len__(self) -> int:
@@ -173,17 +177,22 @@ class Subscriptions:
                 self.overflow = True
                 return
             self._prefixes.add(prefix)
+            if self._lengths.get(n, 0) == 0:
+                bisect.insort(self._sorted, n)
             self._lengths[n] = self._lengths.get(n, 0) + 1
+            step = 1
         elif prefix in self._prefixes:
             self._prefixes.discard(prefix)
-            if self._lengths[n] > 1:
-                self._lengths[n] -= 1
-            else:
+            self._lengths[n] -= 1
+            if self._lengths[n] == 0:
                 del self._lengths[n]
+                self._sorted.remove(n)
+            step = -1
         else:
             return
-        self._sorted = tuple(sorted(self._lengths))
-        self._under.clear()
+        for family in self._touching:
+            if family.startswith(prefix) or prefix.startswith(family):
+                self._touching[family] += step
 
     def wants(self, topic: bytes) -> bool:
         """Does any subscription's prefix match this topic?"""
@@ -199,14 +208,14 @@ class Subscriptions:
 
     def touches(self, family: bytes) -> bool:
         """Could any subscription match some topic that starts with `family`? (False: no
-        topic of it is wanted, and none needs to be looked at one by one.)"""
+        topic of it is wanted, and none needs to be looked at one by one.) O(1) for the
+        families given at construction, a walk over the prefixes for any other."""
         if self.overflow:
             return True
-        known = self._under.get(family)
-        if known is None:
-            known = self._under[family] = any(
-                family.startswith(p) or p.startswith(family) for p in self._prefixes)
-        return known
+        count = self._touching.get(family)
+        if count is not None:
+            return count > 0
+        return any(family.startswith(p) or p.startswith(family) for p in self._prefixes)
 
 
 def connect_dealer(

@@ -14,13 +14,14 @@ import math
 import random
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from bus import vocab
 from bus.codec import Message, encode_jobs, validate
 from bus.errors import ProtocolError
 from bus.schemas import AGENT_TO_MASTER
+from bus.sockets import AGENT_MAX_MSG
 from master import state as sm
 from master.agents import AgentConn
 from master.config import MasterConfig
@@ -293,10 +294,11 @@ class MasterCore:
                 if conn.credit > 0:
                     nxt.append(conn)
             ready = nxt
-        for conn, jobs in picked.values():  # one JOBS per agent and turn where it takes them
+        for conn, jobs in picked.values():  # JOBS per agent and turn where it takes them
             if conn.batches and len(jobs) > 1:
-                self.out.send_frames(AGENT, conn.ident, encode_jobs(
-                    [(job.id, job.attempt, job.spec) for job, _ in jobs], self.out.epoch))
+                for part in _jobs_parts(jobs):
+                    self.out.send_frames(AGENT, conn.ident, encode_jobs(
+                        [(job.id, job.attempt, job.spec) for job, _ in part], self.out.epoch))
                 continue
             for job, spec in jobs:
                 self.out.send(AGENT, conn.ident, "JOB", {"id": job.id, "attempt": job.attempt,
@@ -327,6 +329,27 @@ class MasterCore:
             "role": "leader",
             "epoch": self.epoch,
         }
+
+
+# A JOBS body stays under this (the agents' socket drops a message over AGENT_MAX_MSG and the
+# connection with it); a spec is at most MAX_SPEC_BYTES, so one always fits.
+JOBS_BUDGET = AGENT_MAX_MSG // 2
+_JOBS_ITEM = 48  # bytes of an item besides its spec: keys, id, attempt
+
+
+def _jobs_parts(jobs: list[tuple[Job, Any]]) -> Iterator[list[tuple[Job, Any]]]:
+    """A turn's jobs for one agent cut into JOBS bodies of at most JOBS_BUDGET bytes."""
+    part: list[tuple[Job, Any]] = []
+    size = 0
+    for item in jobs:
+        cost = len(item[0].spec) + _JOBS_ITEM
+        if part and size + cost > JOBS_BUDGET:
+            yield part
+            part, size = [], 0
+        part.append(item)
+        size += cost
+    if part:
+        yield part
 
 
 def _unstorable_text(body: dict[str, Any]) -> str | None:

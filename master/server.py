@@ -338,8 +338,9 @@ class Master:
             poller.register(sock, zmq.POLLIN)
         return poller
 
-    def _read_subscriptions(self, most: int = 10_000) -> None:
-        """The events socket's (un)subscriptions waiting, at most `most` a turn."""
+    def _read_subscriptions(self, most: int = 1000) -> None:
+        """The events socket's (un)subscriptions waiting, at most `most` a turn (an XPUB also
+        hands over whatever else a subscriber sends: that is read and ignored, bounded here)."""
         assert self.events is not None
         for _ in range(most):
             try:
@@ -466,13 +467,13 @@ class Master:
                 raise StepDown(self.leader_why())
             ready = dict(poller.poll(int(self._timeout(time.monotonic()) * 1000)))
             now, wall = time.monotonic(), time.time()
+            if self.events in ready:  # first: this turn's events go to who subscribed by now
+                self._read_subscriptions()
             if self.agents in ready:
                 self._serve_agents(now, wall)
             self._drop_unreachable(now, wall)
             if self.clients in ready:
                 self._serve_clients(now, wall)
-            if self.events in ready:  # before this turn's output is made
-                self._read_subscriptions()
             self.core.tick(now, wall)
             if now >= next_flush:
                 self.core.flush_progress(wall)

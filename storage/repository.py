@@ -24,7 +24,7 @@ from storage.rows import (
     job_insert_params,
     job_update_groups,
 )
-from storage.writers import FENCED_TEXT, ID_MARK_KEY, SEQ_MARK_KEY, BulkWriter
+from storage.writers import FENCED_SQLSTATE, ID_MARK_KEY, SEQ_MARK_KEY, BulkWriter
 
 # Ids per IN list in reads, well under SQLite's bound-parameter limit.
 _READ_CHUNK = 500
@@ -160,9 +160,8 @@ class Store:
             with contextlib.suppress(*self.errors):
                 if not conn.closed:
                     cur.execute("ROLLBACK")
-            text = str(getattr(e, "pgerror", "") or e)
-            if FENCED_TEXT in text:
-                found = text.split(FENCED_TEXT, 1)[1].split()[0] if text else "?"
+            if getattr(e, "pgcode", None) == FENCED_SQLSTATE:
+                found = getattr(getattr(e, "diag", None), "message_primary", None) or "?"
                 raise Fenced(f"commit refused: this master's epoch is {self.epoch}, the "
                              f"database's {found}: another master leads") from e
             raise

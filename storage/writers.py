@@ -34,11 +34,13 @@ _ID_MARK = (
 _TERMINAL = ", ".join(f"'{s}'" for s in sorted(TERMINAL))
 # The epoch check of a one-trip transaction (PostgresWriter.script): FOR SHARE waits for a new
 # leader's UPDATE of the row and then sees its epoch (READ COMMITTED), as Backend.fence_sql.
-FENCED_TEXT = "ffrtmp fenced: the database's epoch is"
+# The check raises its own SQLSTATE (class FF is PostgreSQL's to leave unused), so no other
+# error, whatever text it quotes, is taken for it; its message is the epoch found.
+FENCED_SQLSTATE = "FF001"
 _FENCE_DO = (
     "DO $$DECLARE e bigint; BEGIN SELECT epoch INTO e FROM leader WHERE id = 1 FOR SHARE; "
-    "IF e IS DISTINCT FROM {epoch} THEN RAISE EXCEPTION '" + FENCED_TEXT.replace("'", "''")
-    + " %', e; END IF; END$$"
+    "IF e IS DISTINCT FROM {epoch} THEN RAISE EXCEPTION USING ERRCODE = '"
+    + FENCED_SQLSTATE + "', MESSAGE = coalesce(e::text, 'none'); END IF; END$$"
 )
 # Agent records that may be forgotten: an agent that came back since stays.
 _GONE = ", ".join(f"'{s}'" for s in AGENT_GONE)

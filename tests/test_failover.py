@@ -477,3 +477,21 @@ def test_a_slow_commit_does_not_depose_a_healthy_leader(pg_url: str) -> None:
         finally:
             held.close()
             a.close()
+
+
+def test_only_the_epoch_check_reads_as_fenced(db_url: str) -> None:
+    """Another error is a StorageError, whatever text its DETAIL quotes (PostgreSQL's failing
+    row shows the values: here the old check's message in a job's reason)."""
+    from storage import Fenced, StorageError, WriteBatch
+
+    with Store(db_url) as store:
+        epoch = store.take_epoch("me", "a", "c", "e", time.time())
+        store.fence(epoch)
+        batch = WriteBatch()
+        batch.insert(id=7, scenario="noop", spec={"scenario": "noop"}, state=None, priority=5,
+                     created_at=time.time(), reason="ffrtmp fenced: the database's epoch is 1")
+        with pytest.raises(StorageError) as refused:
+            store.apply(batch)  # state NOT NULL
+        assert not isinstance(refused.value, Fenced)
+        store.apply(_insert_batch(8))  # the store is usable again: nothing was left open
+        assert [r["id"] for r in store.get_jobs([7, 8])] == [8]

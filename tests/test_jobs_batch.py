@@ -17,6 +17,7 @@ from bus.codec import decode, encode, encode_jobs
 from bus.schemas import MASTER_TO_AGENT
 from bus.sockets import connect_dealer
 from harness import Cluster
+from master.spec import validate_spec
 from test_agent_failover import Agent1
 from test_limits_master import IDENT, core_with_agent, msg, sent, submit
 
@@ -121,3 +122,24 @@ def test_only_in_agent_work_is_prepared_on_the_loop_thread() -> None:
     for spec in ({"scenario": "sleep"}, {"scenario": "720p-h264", "preset": {}}, "noop", None,
                  {"scenario": ["noop"]}):
         assert not in_agent(spec)  # a process or I/O to prepare: a worker thread does it
+
+
+def test_a_turn_of_large_specs_is_cut_into_jobs_under_the_agents_message_cap() -> None:
+    from bus.sockets import AGENT_MAX_MSG
+    from master.core import JOBS_BUDGET
+
+    core = core_with_agent(jobs_batch=True, slots=64)
+    core.on_agent(IDENT, msg("CREDIT", n=60), 0.5, 1000.5)
+    # Specs near the master's 64 KiB cap (here a padded one made directly: the core keeps
+    # whatever spec it was given), 40 of them: ~2.4 MB for one agent in one turn.
+    base = validate_spec({"scenario": "sleep", "params": {"seconds": 1}}).spec
+    big = {**base, "pad": "x" * 60_000}
+    jobs = [core.jobs.get(core.jobs.create(big, 1, "workload:sleep", None, 0.0, 1000.0))
+            for _ in range(40)]
+    core.dispatch(1.0, 1001.0)
+    _, outbox, _ = core.take_output()
+    sizes = [len(frames[2]) for kind, _, frames in outbox if frames[1] == b"JOBS"]
+    assert len(sizes) > 1 and max(sizes) <= JOBS_BUDGET < AGENT_MAX_MSG
+    ids = [j["id"] for kind, _, frames in outbox if frames[1] == b"JOBS"
+           for j in decode(frames, MASTER_TO_AGENT)["jobs"]]
+    assert ids == [j.id for j in jobs if j is not None]  # every job once, in order

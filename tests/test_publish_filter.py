@@ -95,3 +95,25 @@ def test_only_subscribed_topics_are_published(tmp_path: Path, ctx: zmq.Context) 
         sub.close(linger=0)
     finally:
         cluster.close()
+
+
+def test_the_table_agrees_with_a_brute_force_reading_after_any_updates() -> None:
+    import random
+
+    rng = random.Random(7)
+    subs, held = Subscriptions(), set()
+    pool = [b"", b"j", b"jo", b"job", b"job.", b"job.1", b"job.1.", b"job.12.", b"jobx", b"e",
+            b"events", b"stats", b"agent."] + [b"q" * n for n in range(1, 60)]
+    for _ in range(5000):
+        prefix = rng.choice(pool)
+        if rng.random() < 0.55:
+            subs.update(b"\x01" + prefix)
+            held.add(prefix)
+        else:
+            subs.update(b"\x00" + prefix)
+            held.discard(prefix)
+        topic = rng.choice([b"job.1.state", b"job.12.progress", b"events", b"stats", b"q" * 30])
+        assert subs.wants(topic) == any(topic.startswith(p) for p in held)
+        assert subs.touches(b"job.") == any(
+            b"job.".startswith(p) or p.startswith(b"job.") for p in held)
+    assert len(subs) == len(held)
