@@ -6,6 +6,7 @@ deterministic; the data path is tested against a real master in test_tui.py."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -68,3 +69,18 @@ def app() -> Dashboard:
                          ids=["overview", "jobs", "agents", "events"])
 def test_layout(snap_compare: Any, size: tuple[int, int], keys: list[str]) -> None:
     assert snap_compare(app(), terminal_size=size, press=keys)
+
+
+def test_without_a_feed_the_timer_redraws_but_never_moves_the_rates() -> None:
+    """The snapshots above must not depend on how long the app ran before its picture was
+    taken (a slow CI run once showed completed/s 0 where the model says 43): the once-a-second
+    timer closes the rates only when a feed brings them."""
+    dash = app()
+    before = {name: list(s.points) for name, s in dash.model.series.items()}
+
+    async def drive() -> None:
+        async with dash.run_test(size=(200, 50)):
+            dash._tick()  # what the 1 s interval calls
+
+    asyncio.run(drive())
+    assert {name: list(s.points) for name, s in dash.model.series.items()} == before

@@ -211,8 +211,10 @@ class Dashboard(App[None]):
 
     @while_shown
     def _tick(self, advance: bool = True) -> None:
-        """Once a second: close the rates and redraw the overview."""
-        if advance:
+        """Once a second: close the rates and redraw the overview. Without a feed (a model
+        filled by its caller, under a fixed clock) the rates are the caller's: redraw only, so
+        what is shown never depends on how long the app has been up."""
+        if advance and self.feed is not None:
             self.model.tick()
         for view in self.query(SeriesView):
             view.show(self.model.series[view.series_name].points)
