@@ -502,16 +502,9 @@ def _doc(cfg: Config, rounds: list[dict[str, Any]], redis_version: str,
     }
 
 
-def _f(x: Any, digits: int = 1) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:,.{digits}f}"
-    return f"{x:,}" if isinstance(x, int) else str(x)
-
-
 def markdown(doc: dict[str, Any]) -> str:
     """The human-readable report."""
+    from bench.report import cell
     cfg, m, sides, ratios = doc["config"], doc["machine"], doc["sides"], doc["ratios"]
     c = cfg["concurrency"]
     lines = [
@@ -530,14 +523,14 @@ def markdown(doc: dict[str, Any]) -> str:
     for s in SIDES:
         x = sides[s]
         lines.append(f"| {s} | {cfg[s]} | {x['completed']:,}/{x['jobs']:,} | "
-                     f"{_f(x['rate']['median'])} | {_f(x['rate']['min'])} – "
-                     f"{_f(x['rate']['max'])} | {_f(x['server_cpu_us_per_task']['median'])} |")
+                     f"{cell(x['rate']['median'])} | {cell(x['rate']['min'])} – "
+                     f"{cell(x['rate']['max'])} | {cell(x['server_cpu_us_per_task']['median'])} |")
     lines += ["", "| ratio | median of rounds | min – max | per round | of the medians |",
               "|---|---|---|---|---|"]
     for k, r in ratios.items():
-        lines.append(f"| {k} | **{_f(r['median'], 2)}** | {_f(r['min'], 2)} – "
-                     f"{_f(r['max'], 2)} | {', '.join(_f(v, 2) for v in r['per_round'])} | "
-                     f"{_f(r['of_medians'], 2)} |")
+        lines.append(f"| {k} | **{cell(r['median'], 2)}** | {cell(r['min'], 2)} – "
+                     f"{cell(r['max'], 2)} | {', '.join(cell(v, 2) for v in r['per_round'])} | "
+                     f"{cell(r['of_medians'], 2)} |")
     lines += ["", "Server CPU: ffrtmp master + agent; Celery worker and its pool + redis-server; "
               "RQ pool, workers and work horses + redis-server (kernel counters, during the "
               "load).", "", "## Rounds (tasks/s)", "",
@@ -546,8 +539,8 @@ def markdown(doc: dict[str, Any]) -> str:
               "|---|---|" + "---|" * (2 * len(SIDES) - 1)]
     for r in doc["rounds"]:
         lines.append(f"| {r['round']} | {' → '.join(r['order'])} | "
-                     + " | ".join(_f(r[s]["rate"]) for s in SIDES) + " | "
-                     + " | ".join(_f(r["ratios"][f"ffrtmp/{s}"], 2) for s in SIDES[1:]) + " |")
+                     + " | ".join(cell(r[s]["rate"]) for s in SIDES) + " | "
+                     + " | ".join(cell(r["ratios"][f"ffrtmp/{s}"], 2) for s in SIDES[1:]) + " |")
     lines += ["", "## What each side guarantees", ""]
     lines += [f"- **{s}**: {GUARANTEES[s]}." for s in SIDES]
     lines += ["", "## How each side submits and waits", ""]

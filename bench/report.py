@@ -114,7 +114,9 @@ def write_plain(out: Path, report: dict[str, Any], md: str) -> dict[str, Path]:
 # ---- Markdown ------------------------------------------------------------------------------
 
 
-def _v(x: Any, digits: int = 1) -> str:
+def cell(x: Any, digits: int = 1) -> str:
+    """A figure as a Markdown table cell: – for none, thousands separators, `digits` decimals
+    for a float (every bench report's tables)."""
     if x is None:
         return "–"
     if isinstance(x, float):
@@ -128,7 +130,7 @@ def _range(report: dict[str, Any], key: str, digits: int = 1) -> str:
     s = report["spread"].get(key)
     if not s:
         return ""
-    return f"{_v(s['min'], digits)} – {_v(s['max'], digits)}"
+    return f"{cell(s['min'], digits)} – {cell(s['max'], digits)}"
 
 
 def _get(d: dict[str, Any], key: str) -> Any:
@@ -175,7 +177,7 @@ def markdown(r: dict[str, Any]) -> str:
                        ("dispatch_rate", "dispatch rate, jobs/s (master clock)"),
                        ("completion_rate", "completion rate, jobs/s")):
         digits = d[0] if d else 1
-        lines.append(f"| {label} | {_v(r.get(key), digits)} | {_range(r, key, digits)} |")
+        lines.append(f"| {label} | {cell(r.get(key), digits)} | {_range(r, key, digits)} |")
     lines += ["", "## Latency (ms)", "", "| | p50 | p95 | p99 | max | samples |",
               "|---|---|---|---|---|---|"]
     for key, label in (("latency_ms", "submit → done, under this load"),
@@ -185,15 +187,15 @@ def markdown(r: dict[str, Any]) -> str:
                        ("breakdown_ms.assigned_to_done", "  assigned → done (master clock)")):
         s = _get(r, key)
         if s:
-            lines.append(f"| {label} | {_v(s['p50'], 3)} | {_v(s['p95'], 3)} | "
-                         f"{_v(s['p99'], 3)} | {_v(s['max'], 3)} | {_v(s['n'])} |")
+            lines.append(f"| {label} | {cell(s['p50'], 3)} | {cell(s['p95'], 3)} | "
+                         f"{cell(s['p99'], 3)} | {cell(s['max'], 3)} | {cell(s['n'])} |")
     ul = r.get("unloaded_latency_ms") or {}
     for part in ("submit_to_queued", "queued_to_assigned", "assigned_to_done"):
         s = (ul.get("breakdown") or {}).get(part)
         if s and s.get("n"):
-            lines.append(f"| unloaded: {part.replace('_', ' ')} | {_v(s['p50'], 3)} | "
-                         f"{_v(s['p95'], 3)} | {_v(s['p99'], 3)} | {_v(s['max'], 3)} | "
-                         f"{_v(s['n'])} |")
+            lines.append(f"| unloaded: {part.replace('_', ' ')} | {cell(s['p50'], 3)} | "
+                         f"{cell(s['p95'], 3)} | {cell(s['p99'], 3)} | {cell(s['max'], 3)} | "
+                         f"{cell(s['n'])} |")
     lines += ["", "Latency is measured by the client: from the moment its SUBMIT left to the "
               "arrival of the job's terminal STATE event, which the master publishes only after "
               "committing the result.", ""]
@@ -203,9 +205,9 @@ def markdown(r: dict[str, Any]) -> str:
         i = r["idle"]
         lines += ["## Idle", "",
                   f"Master CPU with every agent connected and heartbeating, no jobs, over "
-                  f"{_v(i.get('seconds'))} s: **{_v(i.get('master_cpu_pct'))} % of one core** "
-                  f"({_v(i.get('bus_messages_per_s'))} bus messages/s, RSS "
-                  f"{_v(i.get('master_rss_mb'))} MB).", ""]
+                  f"{cell(i.get('seconds'))} s: **{cell(i.get('master_cpu_pct'))} % of one core** "
+                  f"({cell(i.get('bus_messages_per_s'))} bus messages/s, RSS "
+                  f"{cell(i.get('master_rss_mb'))} MB).", ""]
     if r.get("ffmpeg"):
         lines += _ffmpeg(r)
     lines += _ceiling_lines(r)
@@ -235,8 +237,8 @@ def _processes(r: dict[str, Any]) -> list[str]:
             continue
         label = f"agents ({p['count']}, summed; RSS is the largest)" if name == "agents" \
             else ("bench client (submitter + event reader)" if name == "bench" else name)
-        lines.append(f"| {label} | {_v(p.get('cpu_s'), 2)} | {_v(p.get('cpu_pct'))} | "
-                     f"{_v(p.get('peak_rss_mb'))} | {_v(p.get('children_cpu_s'), 2)} |")
+        lines.append(f"| {label} | {cell(p.get('cpu_s'), 2)} | {cell(p.get('cpu_pct'))} | "
+                     f"{cell(p.get('peak_rss_mb'))} | {cell(p.get('children_cpu_s'), 2)} |")
     return [*lines, ""]
 
 
@@ -247,15 +249,15 @@ def _metrics(r: dict[str, Any]) -> list[str]:
     db, bus = mt["db"], mt["bus"]
     lines = ["## Database and bus (from the master's /metrics)", "",
              "| figure | value |", "|---|---|",
-             f"| group commits (transactions) | {_v(db['commits'])} |",
-             f"| transactions/s | {_v(db['tx_per_s'])} |",
-             f"| commit latency mean / p50 / p95 / p99, ms | {_v(db['commit_ms_mean'], 3)} / "
-             f"{_v(db['commit_ms_p50'], 3)} / {_v(db['commit_ms_p95'], 3)} / "
-             f"{_v(db['commit_ms_p99'], 3)} |",
-             f"| time in commits, % of the run | {_v(db['busy_pct'])} |",
-             f"| bus messages/s (all sockets, in + out) | {_v(bus['messages_per_s'])} |"]
+             f"| group commits (transactions) | {cell(db['commits'])} |",
+             f"| transactions/s | {cell(db['tx_per_s'])} |",
+             f"| commit latency mean / p50 / p95 / p99, ms | {cell(db['commit_ms_mean'], 3)} / "
+             f"{cell(db['commit_ms_p50'], 3)} / {cell(db['commit_ms_p95'], 3)} / "
+             f"{cell(db['commit_ms_p99'], 3)} |",
+             f"| time in commits, % of the run | {cell(db['busy_pct'])} |",
+             f"| bus messages/s (all sockets, in + out) | {cell(bus['messages_per_s'])} |"]
     for k, v in bus["by_socket"].items():
-        lines.append(f"| &nbsp; {k.replace('_', ' ')} /s | {_v(v)} |")
+        lines.append(f"| &nbsp; {k.replace('_', ' ')} /s | {cell(v)} |")
     lines.append("")
     lines.append("Commit percentiles are interpolated from the histogram buckets "
                  "(0.5, 1, 2.5, 5, 10, 25 ms …).")
@@ -270,27 +272,27 @@ def _ffmpeg(r: dict[str, Any]) -> list[str]:
                        ("speed", "speed (x realtime)"), ("job_duration_s", "job duration, s")):
         s = f.get(key) or {}
         if s.get("n"):
-            lines.append(f"| {label} | {_v(s['p50'], 2)} | {_v(s['min'], 2)} | "
-                         f"{_v(s['max'], 2)} |")
+            lines.append(f"| {label} | {cell(s['p50'], 2)} | {cell(s['min'], 2)} | "
+                         f"{cell(s['max'], 2)} |")
     if "overhead_pct" in f:
         lines += ["", "| makespan, same jobs and parallelism | s (median) | min – max |",
                   "|---|---|---|",
-                  f"| through ffrtmp (submit → last done) | {_v(f['agent_makespan_s'], 3)} | "
+                  f"| through ffrtmp (submit → last done) | {cell(f['agent_makespan_s'], 3)} | "
                   f"{_range(r, 'ffmpeg.agent_makespan_s', 3)} |",
-                  f"| directly, `xargs -P` | {_v(f['direct_makespan_s'], 3)} | "
+                  f"| directly, `xargs -P` | {cell(f['direct_makespan_s'], 3)} | "
                   f"{_range(r, 'ffmpeg.direct_makespan_s', 3)} |",
-                  f"| **agent overhead** | **{_v(f['overhead_pct'], 2)} %** | "
+                  f"| **agent overhead** | **{cell(f['overhead_pct'], 2)} %** | "
                   f"{_range(r, 'ffmpeg.overhead_pct', 2)} % |", "",
                   "Each run measures both, alternating which goes first; the overhead is the "
                   "per-run ratio, then the median. Wall-clock makespan on a shared machine is "
                   "noisy; the CPU figures below are not.", "",
                   "| CPU | median | min – max |", "|---|---|---|",
-                  f"| ffmpeg CPU s under the agents | {_v(f.get('ffmpeg_cpu_s'), 2)} | "
+                  f"| ffmpeg CPU s under the agents | {cell(f.get('ffmpeg_cpu_s'), 2)} | "
                   f"{_range(r, 'ffmpeg.ffmpeg_cpu_s', 2)} |",
-                  f"| ffmpeg CPU s run directly | {_v(f.get('direct_cpu_s'), 2)} | "
+                  f"| ffmpeg CPU s run directly | {cell(f.get('direct_cpu_s'), 2)} | "
                   f"{_range(r, 'ffmpeg.direct_cpu_s', 2)} |",
                   f"| master + agents CPU, % of ffmpeg's | "
-                  f"{_v(f.get('system_cpu_pct_of_ffmpeg'), 2)} % | "
+                  f"{cell(f.get('system_cpu_pct_of_ffmpeg'), 2)} % | "
                   f"{_range(r, 'ffmpeg.system_cpu_pct_of_ffmpeg', 2)} % |",
                   "", f"Direct command of job 0: `{(r.get('direct') or {}).get('command', '')}`"]
     return [*lines, ""]

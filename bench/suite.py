@@ -12,7 +12,7 @@ from typing import Any
 from bench.env import machine, pg_reachable
 from bench.profiles import WORKLOADS, BenchError, Profile, workload
 from bench.progress import Bar
-from bench.report import aggregate, write
+from bench.report import aggregate, cell, write
 from bench.run import RunSpec, run_once, versions
 
 # 1 agent at 1, 2, 4, 8 slots; 3 and 5 agents at 4 slots.
@@ -143,8 +143,8 @@ def store(out: Path, bar: Bar, dbs: list[str], jobs: int, pg: str | None = None,
             ratio = (f"{row['jobs_per_s'] / plain[row['batch']]:.3f}"
                      if row.get("fenced") and plain.get(row["batch"]) else "")
             lines.append(f"| {res['database']} | {row['batch']:,} | "
-                         f"{'yes' if row.get('fenced') else 'no'} | {_f(row['jobs_per_s'])} | "
-                         f"{_f(row['commit_ms']['p50'], 3)} | {_f(row['commit_ms']['p99'], 3)} "
+                         f"{'yes' if row.get('fenced') else 'no'} | {cell(row['jobs_per_s'])} | "
+                         f"{cell(row['commit_ms']['p50'], 3)} | {cell(row['commit_ms']['p99'], 3)} "
                          f"| {ratio} |")
     return _write_suite(out, "store", doc, "\n".join(lines) + "\n")
 
@@ -182,14 +182,6 @@ def _rng(r: dict[str, Any], key: str) -> list[float] | None:
     return [s["min"], s["max"]] if s else None
 
 
-def _f(x: Any, digits: int = 1) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:,.{digits}f}"
-    return f"{x:,}" if isinstance(x, int) else str(x)
-
-
 def _matrix_md(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     lines = [
@@ -212,12 +204,13 @@ def _matrix_md(doc: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| [{r['workload']}]({r['report']}) | {r['db']} | {r['agents']} x {r['slots']} | "
-            f"{r['completed']}/{r['jobs']} | {_f(r['completion_rate'])} | "
-            f"{_f(r['dispatch_rate'])} | {_f(r['latency_p50'], 2)} | {_f(r['latency_p95'], 2)} | "
-            f"{_f(r['latency_p99'], 2)} | {_f(r['queue_wait_p50'], 2)} | "
-            f"{_f(r['master_cpu_pct'])} | {_f(r['master_rss_mb'])} | {_f(r['agents_cpu_pct'])} | "
-            f"{_f(r['commit_ms_p50'], 3)} | {_f(r['tx_per_s'])} | {_f(r['fps_p50'])} | "
-            f"{_f(r['overhead_pct'], 1)} |")
+            f"{r['completed']}/{r['jobs']} | {cell(r['completion_rate'])} | "
+            f"{cell(r['dispatch_rate'])} | {cell(r['latency_p50'], 2)} | "
+            f"{cell(r['latency_p95'], 2)} | {cell(r['latency_p99'], 2)} | "
+            f"{cell(r['queue_wait_p50'], 2)} | {cell(r['master_cpu_pct'])} | "
+            f"{cell(r['master_rss_mb'])} | {cell(r['agents_cpu_pct'])} | "
+            f"{cell(r['commit_ms_p50'], 3)} | {cell(r['tx_per_s'])} | {cell(r['fps_p50'])} | "
+            f"{cell(r['overhead_pct'], 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -234,10 +227,10 @@ def _depth_md(doc: dict[str, Any]) -> str:
     ]
     for r in doc["rows"]:
         lines.append(
-            f"| [{r['queued']:,}]({r['report']}) | {_f(r['dispatch_rate'])} | "
-            f"{_f(r['dispatch_vs_first'], 2)} | {_f(r['completion_rate'])} | "
-            f"{_f(r['latency_p50'], 2)} | {_f(r['latency_p99'], 2)} | "
-            f"{_f(r['master_cpu_pct'])} | {_f(r['master_rss_mb'])} |")
+            f"| [{r['queued']:,}]({r['report']}) | {cell(r['dispatch_rate'])} | "
+            f"{cell(r['dispatch_vs_first'], 2)} | {cell(r['completion_rate'])} | "
+            f"{cell(r['latency_p50'], 2)} | {cell(r['latency_p99'], 2)} | "
+            f"{cell(r['master_cpu_pct'])} | {cell(r['master_rss_mb'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -43,6 +43,16 @@ def register(core: MasterCore, n: int, now: float = 0.0) -> None:
     core.take_output()
 
 
+def one_job_on(core: MasterCore, i: int, seconds: float, now: float) -> Job:
+    """Agent i grants one credit and is handed one sleep job (its JOB taken out)."""
+    core.on_agent(ident(i), msg("CREDIT", n=1), now, 1000.0 + now)
+    job = submit(core, {"scenario": "sleep", "params": {"seconds": seconds}})
+    core.dispatch(now, 1000.0 + now)
+    core.take_output()
+    assert job.agent == f"a{i}"
+    return job
+
+
 def turn(core: MasterCore, now: float) -> tuple[list[tuple[bytes, Message]], Any]:
     """The core's part of a server turn with no message in: tick, flush_acks, output."""
     core.tick(now, 1000.0 + now)
@@ -82,11 +92,7 @@ def test_a_turn_looks_at_no_idle_agent_until_its_deadline() -> None:
 def test_done_acks_visit_only_the_agents_that_sent_a_done() -> None:
     core = new_core()
     register(core, 5000)
-    core.on_agent(ident(7), msg("CREDIT", n=1), 0.1, 1000.1)
-    job = submit(core, {"scenario": "sleep", "params": {"seconds": 5}})
-    core.dispatch(0.1, 1000.1)
-    core.take_output()
-    assert job.agent == "a7"
+    job = one_job_on(core, 7, 5, 0.1)
     visited = core.agents.visited
     core.on_agent(ident(7), msg("DONE", id=job.id, attempt=job.attempt, status="completed",
                                 duration_s=1.0), 0.2, 1000.2)
@@ -101,10 +107,7 @@ def test_done_acks_visit_only_the_agents_that_sent_a_done() -> None:
 def test_an_agent_dropped_before_its_done_ack_gets_none() -> None:
     core = new_core()
     register(core, 2)
-    core.on_agent(ident(0), msg("CREDIT", n=1), 0.1, 1000.1)
-    job = submit(core, {"scenario": "sleep", "params": {"seconds": 5}})
-    core.dispatch(0.1, 1000.1)
-    core.take_output()
+    job = one_job_on(core, 0, 5, 0.1)
     core.on_agent(ident(0), msg("DONE", id=job.id, attempt=job.attempt, status="completed",
                                 duration_s=1.0), 0.2, 1000.2)
     core.on_agent(ident(0), msg("BYE"), 0.2, 1000.2)
@@ -115,11 +118,7 @@ def test_an_agent_dropped_before_its_done_ack_gets_none() -> None:
 def test_a_silent_agent_is_lost_on_the_first_turn_past_its_window() -> None:
     core = new_core()
     register(core, 1000)
-    core.on_agent(ident(3), msg("CREDIT", n=1), 0.0, 1000.0)
-    job = submit(core, {"scenario": "sleep", "params": {"seconds": 60}})
-    core.dispatch(0.0, 1000.0)
-    core.take_output()
-    assert job.agent == "a3"
+    job = one_job_on(core, 3, 60, 0.0)
     dead_after = core.cfg.dead_after_s
     now, lost_at = 0.0, None
     while now < dead_after + 1.0 and lost_at is None:

@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,16 +37,6 @@ GRAMMAR = frozenset({
 })
 
 _IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \| ( *)(\S+)$")
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, f"sqlite:///{tmp_path}/ffrtmp.db")
-    try:
-        c.start_master()
-        yield c
-    finally:
-        c.close()
 
 
 def ffrtmp_command() -> list[str]:
