@@ -114,7 +114,7 @@ class Requests:
             v = distinct.get(seen)
             if v is None:
                 try:
-                    v = distinct[seen] = validate_spec(raw, self.scenarios)
+                    v = distinct[seen] = validate_spec(raw, self.scenarios, packed=seen)
                 except SpecError as e:
                     raise RequestError(e.code, f"specs[{i}].{e}") from e
             checked.append(v)

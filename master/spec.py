@@ -118,13 +118,15 @@ def _check_workload(spec: dict[str, Any]) -> str:
     return f"workload:{name}"
 
 
-def validate_spec(raw: Any, scenarios: dict[str, ScenarioCheck] | None = None) -> Validated:
-    """Check one submitted spec; raises SpecError naming the first bad field."""
+def validate_spec(raw: Any, scenarios: dict[str, ScenarioCheck] | None = None,
+                  packed: bytes | None = None) -> Validated:
+    """Check one submitted spec; raises SpecError naming the first bad field. `packed`:
+    msgpack.packb(raw), if the caller has it already."""
     if not isinstance(raw, dict):
         raise SpecError(f"spec must be a map, got {type(raw).__name__}")
     if _has_nul(raw):
         raise SpecError("spec: strings must not contain NUL characters")
-    size = len(msgpack.packb(raw))
+    size = len(packed if packed is not None else msgpack.packb(raw))
     if size > MAX_SPEC_BYTES:  # a JOB must stay far below the agents' 1 MiB message cap
         raise SpecTooLarge(f"spec is {size} bytes packed; at most {MAX_SPEC_BYTES}")
     unknown = sorted(k for k in raw if k not in TOP_KEYS)
